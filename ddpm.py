@@ -1,0 +1,1634 @@
+"""DiffusionLab: Denoising Diffusion Probabilistic Models in one file.
+
+A diffusion model learns to undo noise. The forward process q adds Gaussian noise to data x_0 in T small steps until
+nothing but noise x_T ~ N(0, I) is left; a network ε_θ(x_t, t, y) learns to predict the noise in x_t, and the reverse
+process p_θ walks back from fresh noise to a sample, one denoising step at a time. Here the network may also see a class
+label y, and classifier-free guidance trades diversity for fidelity to that label at sampling time.
+
+Read top to bottom: noise schedules → the diffusion process (forward, loss, the two samplers) → embeddings →
+backbones (MLP, U-Net) → training plumbing (config, EMA, checkpoints, the loop) → the image experiments' shared code.
+Whoever stops after the diffusion section has seen all of DDPM; what follows is networks and engineering.
+
+Run it (README.md has the details and measured times):
+    python train_moons.py              # 2-D toy data, about 20 s on a 2-core laptop CPU
+    python train_mnist.py              # class-conditional digits, minutes on a CPU
+    python train_cifar.py --resume     # class-conditional CIFAR-10, a GPU job; resumable at any time
+    python -m pytest                   # the tests (test_ddpm.py), a few minutes on a CPU
+
+References (arXiv ids):
+    [DDPM]  Ho, Jain, Abbeel 2020, Denoising Diffusion Probabilistic Models, 2006.11239. Equation numbers below are its.
+    [IDDPM] Nichol, Dhariwal 2021, Improved Denoising Diffusion Probabilistic Models, 2102.09672 (cosine schedule).
+    [DDIM]  Song, Meng, Ermon 2021, Denoising Diffusion Implicit Models, 2010.02502.
+    [CFG]   Ho, Salimans 2022, Classifier-Free Diffusion Guidance, 2207.12598.
+
+Notation (paper → code → shape; B is the batch, "…" the data dimensions: (2,) for points, (C, H, W) for images):
+    T                       num_timesteps                   int
+    t                       t                               (B,) int64, 0-based: code t = k is paper t = k + 1
+    β_t, α_t = 1 − β_t      betas, alphas                   (T,)
+    ᾱ_t = ∏_{s≤t} α_s       alphas_cumprod                  (T,)
+    ᾱ_{t−1} (ᾱ_0 = 1)       alphas_cumprod_prev             (T,)
+    √ᾱ_t, √(1 − ᾱ_t)        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod
+    β̃_t, μ̃_t coefficients   posterior_variance, posterior_mean_coef1, posterior_mean_coef2
+    x_0, x_t, x_{t−1}       x0, x_t, x_prev                 (B, …)
+    ε, ε_θ(x_t, t, y)       noise, noise_pred               (B, …)
+    x̂_0                     x0_pred                         (B, …)
+    y, ∅ (no label)         y, NULL_LABEL = −1              (B,) int64
+
+Deviations from the papers, each marked where it happens:
+    1. The linear schedule's end points are scaled by 1000/T when T ≠ 1000 (as Improved DDPM's code does), so that
+       x_T is close to pure noise for any T. At T = 1000 it is exactly DDPM's.
+    2. Guidance weight: we write ε̃ = ε_∅ + w·(ε_y − ε_∅), so w = 1 is the plain conditional model and w = 0 the
+       unconditional one; [CFG]'s w is our w − 1.
+    3. U-Net attention uses heads of 64 channels where the width allows (DDPM: one head). Same parameters, faster kernels.
+    4. The EMA decay warms up as min(decay, (1 + n)/(10 + n)) so short runs are not dominated by the random initial weights.
+    5. The class embedding is added to the timestep embedding (DDPM has no labels; this is the usual way, as in [CFG]).
+Left out on purpose: learned variances and the hybrid loss [IDDPM], the discrete decoder and likelihood evaluation
+[DDPM §3.3], v-prediction, latent diffusion, FID computation (use an external tool on --dump-samples output).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import inspect
+import math
+import os
+import re
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Noise schedules
+# ----------------------------------------------------------------------------------------------------------------------
+# The forward process q(x_t | x_{t−1}) = N(√(1 − β_t)·x_{t−1}, β_t·I) [DDPM Eq. 2] shrinks the signal a little and
+# adds a little noise at each of T steps. The β_t are small (1e-4 to 0.02) so that each step back is nearly Gaussian,
+# which is what lets a network learn it; over T = 1000 steps they compound to ᾱ_T = ∏(1 − β_t) ≈ 4e-5, so that x_T is
+# noise whatever x_0 was. Everything else follows from the β_t: α_t = 1 − β_t, the running product ᾱ_t, and the
+# signal-to-noise ratio of x_t, ᾱ_t/(1 − ᾱ_t). The schedule decides how fast that ratio falls:
+#   linear [DDPM]   falls fast early; the last few hundred steps of small images are almost pure noise;
+#   cosine [IDDPM]  ᾱ_t follows cos², spreading the loss of information more evenly over t.
+
+SCHEDULES = ("linear", "cosine")
+
+
+def make_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
+    """The variances β_1, …, β_T of the forward process.
+
+    Args:
+        name: "linear" [DDPM §4] or "cosine" [IDDPM Eq. 17].
+        num_timesteps: T ≥ 1.
+    Returns:
+        (T,) float64 tensor; entry k is β for paper step t = k + 1.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
+    T = num_timesteps
+    # float64 throughout: ᾱ_t is a product of up to 1000 factors and float32 would lose its small values.
+    if name == "linear":
+        # [DDPM §4] β rises linearly from 1e-4 to 0.02 over T = 1000 steps.
+        # Deviation 1: for T ≠ 1000 both ends are scaled by 1000/T so that ᾱ_T stays near 0.
+        scale = 1000 / T
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    else:
+        # [IDDPM Eq. 17] ᾱ_t = f(t)/f(0) with f(t) = cos²(((t/T + s)/(1 + s))·π/2), s = 0.008,
+        # and β_t = 1 − ᾱ_t/ᾱ_{t−1}; it destroys information more slowly than the linear schedule near t = 0.
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        alphas_cumprod = f / f[0]
+        betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    # [IDDPM §3.2] β ≤ 0.999 avoids the singularity at the end of the cosine schedule (and keeps tiny T sane).
+    return betas.clamp(max=0.999)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. The diffusion process: forward noising, the loss, and the reverse samplers
+# ----------------------------------------------------------------------------------------------------------------------
+# DDPM in four facts, each implemented by one method of Diffusion:
+#   1. q_sample     any x_t can be drawn from x_0 in one jump [Eq. 4]: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, so training
+#                   never has to simulate the chain step by step;
+#   2. loss         the variational bound on −log p_θ(x_0) [Eq. 5] is a sum of KL divergences between Gaussians;
+#                   writing the reverse mean through a noise predictor ε_θ [Eq. 11] turns each into a weighted
+#                   ‖ε − ε_θ(x_t, t)‖², and dropping the weights gives L_simple [Eq. 14], which trains better [§3.4];
+#   3. q_posterior  given x_0, the step back q(x_{t−1} | x_t, x_0) is Gaussian with a known mean and variance
+#                   [Eqs. 6–7]; the reverse process p_θ(x_{t−1} | x_t) is that step with x_0 replaced by the
+#                   network's estimate x̂_0 [Eq. 15];
+#   4. sample       start from x_T ~ N(0, I) and take T such steps [Alg. 2]; DDIM takes a shortcut through fewer.
+# Classifier-free guidance [CFG] adds labels: one network learns both ε_θ(x_t, t, y) and, with the label dropped,
+# ε_θ(x_t, t, ∅); at sampling time the difference between the two is amplified.
+#
+# Backbone contract: any denoiser is a callable  model(x_t, t, y=None) -> noise_pred  where x_t is (B, …), t is (B,)
+# int64 in 0..T−1, y is (B,) int64 labels (NULL_LABEL = −1 meaning "no label") or None, and noise_pred has x_t's shape.
+# Diffusion never looks inside the model, so the same code drives the MLP, the U-Net, or a formula (see the tests).
+
+NULL_LABEL = -1  # the label ∅ of classifier-free guidance: "condition on nothing"
+
+
+def broadcast(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Looks up a schedule at each example's timestep, shaped to scale a batch of any rank.
+
+    Args: values (T,), t (B,), x (B, …): points (B, D) or images (B, C, H, W).
+    Returns: values[t] as (B, 1, …, 1), so that `broadcast(...) * x` is one line for points and images alike.
+    """
+    return values[t].reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def randn_from(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """N(0, I) noise of `shape` on `device`, from `generator` or, without one, from the global RNG.
+
+    The noise is drawn on the generator's own device and then moved, so a CPU generator gives the same samples
+    whether the model runs on a CPU or a GPU.
+    """
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+class Diffusion(nn.Module):
+    """The DDPM forward process q and reverse process p_θ for any backbone that keeps the contract above.
+
+    It holds only the schedule (as buffers, recomputed from the arguments, never saved); the network is passed in.
+    Args:
+        num_timesteps: T, the number of noising steps.
+        schedule: "linear" or "cosine" (see make_beta_schedule).
+        p_uncond: the probability of training on the null label when labels are given (classifier-free guidance).
+    """
+
+    def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", p_uncond: float = 0.1):
+        super().__init__()
+        self.num_timesteps, self.schedule, self.p_uncond = num_timesteps, schedule, p_uncond
+        betas = make_beta_schedule(schedule, num_timesteps)  # float64
+        alphas = 1 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # ᾱ_0 = 1: x_0 is not noised at all
+        schedule_buffers = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            # [DDPM Eq. 7] β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t   (0 at t = 1: x_0 is then known exactly)
+            "posterior_variance": betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+            # [DDPM Eq. 7] μ̃_t(x_t, x_0) = coef1·x_0 + coef2·x_t, coef1 = √ᾱ_{t−1}·β_t/(1 − ᾱ_t),
+            #                                              coef2 = √α_t·(1 − ᾱ_{t−1})/(1 − ᾱ_t)
+            "posterior_mean_coef1": alphas_cumprod_prev.sqrt() * betas / (1 - alphas_cumprod),
+            "posterior_mean_coef2": alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+        }
+        # Buffers follow the module to the GPU with .to(device). They are not saved (persistent=False): the arguments
+        # above recreate them exactly, so checkpoints hold only what was learned.
+        for name, value in schedule_buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    # --- forward process and training -------------------------------------------------------------------------------
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Draws x_t ~ q(x_t | x_0) = N(√ᾱ_t·x_0, (1 − ᾱ_t)·I) [DDPM Eq. 4], with the given ε ~ N(0, I).
+
+        Args: x0 (B, …), t (B,), noise (B, …).  Returns: x_t (B, …).
+        """
+        # [DDPM Eq. 4] x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε : one jump instead of t small steps.
+        return (broadcast(self.sqrt_alphas_cumprod, t, x0) * x0
+                + broadcast(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The simple ε-prediction loss L_simple [DDPM Eq. 14, Alg. 1] on one batch, a scalar.
+
+        Args:
+            model: the backbone.  x0: (B, …) clean data.  y: (B,) labels, or None to train unconditionally.
+        """
+        B = x0.shape[0]
+        t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)  # [Alg. 1, line 3] t ~ Uniform({1, …, T})
+        noise = torch.randn_like(x0)                                       # [Alg. 1, line 4] ε ~ N(0, I)
+        if y is not None and self.p_uncond > 0:
+            # [CFG Alg. 1] with probability p_uncond show the null label instead, so that one network learns both the
+            # conditional ε_θ(x_t, t, y) and the unconditional ε_θ(x_t, t, ∅) that guidance needs.
+            drop = torch.rand(B, device=x0.device) < self.p_uncond
+            y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
+        noise_pred = model(self.q_sample(x0, t, noise), t, y)
+        # [Alg. 1, line 5] ‖ε − ε_θ(√ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, t)‖², averaged over batch and dimensions.
+        return F.mse_loss(noise_pred.float(), noise)
+
+    # --- the reverse process ----------------------------------------------------------------------------------------
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, noise_pred: torch.Tensor) -> torch.Tensor:
+        """x̂_0, the clean data a noise prediction implies: Eq. 4 solved for x_0 [DDPM Eq. 15].
+
+        Args: x_t (B, …), t (B,), noise_pred (B, …).  Returns: x0_pred (B, …). Near t = T it divides by √ᾱ_t ≈ 0.006,
+        so early in sampling x̂_0 is a rough guess; that is why images clip it to [−1, 1].
+        """
+        # [DDPM Eq. 15] x̂_0 = (x_t − √(1 − ᾱ_t)·ε_θ) / √ᾱ_t
+        return ((x_t - broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t) * noise_pred)
+                / broadcast(self.sqrt_alphas_cumprod, t, x_t))
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean and variance of q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t·I) [DDPM Eqs. 6–7].
+
+        Args: x0, x_t (B, …), t (B,).  Returns: mean (B, …) and variance (B, 1, …, 1).
+        """
+        # [DDPM Eq. 7] μ̃_t = √ᾱ_{t−1}·β_t/(1 − ᾱ_t)·x_0 + √α_t·(1 − ᾱ_{t−1})/(1 − ᾱ_t)·x_t
+        mean = broadcast(self.posterior_mean_coef1, t, x_t) * x0 + broadcast(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, broadcast(self.posterior_variance, t, x_t)
+
+    def guided_noise_pred(self, model, x_t, t, y=None, guidance: float = 1.0) -> torch.Tensor:
+        """The ε the samplers use: ε_θ(x_t, t, y), steered by classifier-free guidance [CFG §3.2] when w ≠ 1.
+
+        ε̃ = ε_∅ + w·(ε_y − ε_∅): w = 1 is the conditional model, w = 0 the unconditional one, w > 1 pushes samples
+        towards what distinguishes class y from the rest (sharper, less diverse). Deviation 2: [CFG]'s w is our w − 1.
+        Args: x_t (B, …), t (B,), y (B,) or None, guidance w.  Returns: (B, …).
+        """
+        if y is None or guidance == 1.0:
+            return model(x_t, t, y)
+        # Both predictions from one forward pass over a doubled batch: first half with y, second half with ∅.
+        null = torch.full_like(y, NULL_LABEL)
+        noise_cond, noise_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        # [CFG Eq. 6] ε̃ = (1 + w')·ε_y − w'·ε_∅ with w' = w − 1
+        return noise_uncond + guidance * (noise_cond - noise_uncond)
+
+    @torch.no_grad()
+    def sample(self, model, shape, y=None, guidance: float = 1.0, generator: torch.Generator | None = None,
+               clip_x0: bool = False, return_trajectory: bool = False):
+        """Draws x_0 ~ p_θ(x_0 | y) by ancestral sampling [DDPM Alg. 2] with σ_t² = β̃_t, in T network calls.
+
+        Put the model in eval mode first (dropout off). The samplers never touch the global RNG when given a generator.
+        Args:
+            model: the backbone.  shape: (B, …) of the output.  y: (B,) labels or None.  guidance: the weight w.
+            generator: source of all the noise, for reproducible samples.
+            clip_x0: clamp x̂_0 to [−1, 1] at every step (images live there; leave off for unbounded data).
+            return_trajectory: also return every x_t.
+        Returns:
+            x_0 (B, …); with return_trajectory also a (T + 1, B, …) CPU tensor x_T, …, x_0.
+        """
+        device = self.betas.device
+        y = None if y is None else y.to(device)
+        x = randn_from(shape, generator, device)                       # [Alg. 2, line 1] x_T ~ N(0, I)
+        trajectory = [x.cpu()]
+        for k in reversed(range(self.num_timesteps)):                   # [Alg. 2, line 2] paper t = T, …, 1
+            t = torch.full((shape[0],), k, device=device, dtype=torch.long)
+            noise_pred = self.guided_noise_pred(model, x, t, y, guidance).float()
+            # [Alg. 2, line 4] x_{t−1} = 1/√α_t·(x_t − β_t/√(1 − ᾱ_t)·ε_θ) + σ_t·z, computed in two equal steps:
+            # x̂_0 from Eq. 15, then the posterior mean μ̃_t(x_t, x̂_0) of Eq. 7 (this is Eq. 11's mean, and it
+            # lets us clip x̂_0 to the data range first, as DDPM's own code does for images).
+            x0_pred = self.predict_x0(x, t, noise_pred)
+            if clip_x0:
+                x0_pred = x0_pred.clamp(-1, 1)
+            mean, variance = self.q_posterior(x0_pred, x, t)
+            if k > 0:  # [Alg. 2, line 3] z ~ N(0, I) if t > 1, else z = 0: no noise on the last step
+                x = mean + variance.sqrt() * randn_from(shape, generator, device)  # σ_t² = β̃_t [DDPM §3.2]
+            else:
+                x = mean
+            if return_trajectory:
+                trajectory.append(x.cpu())
+        return (x, torch.stack(trajectory)) if return_trajectory else x
+
+    @torch.no_grad()
+    def ddim_sample(self, model, shape, steps: int = 50, eta: float = 0.0, y=None, guidance: float = 1.0,
+                    generator: torch.Generator | None = None, clip_x0: bool = False, return_trajectory: bool = False):
+        """Draws x_0 ~ p_θ(x_0 | y) with DDIM [DDIM Eq. 12] on `steps` evenly spaced timesteps.
+
+        The idea [DDIM §4]: the training loss depends only on the marginals q(x_t | x_0) of Eq. 4, and many processes
+        share those marginals, some of them not Markovian. Their reverse steps can jump straight from one timestep to
+        a much earlier one, so the same trained network samples in 50 or 100 calls instead of T. Each jump predicts
+        x̂_0, then re-noises it to the earlier level along the direction of the predicted ε, plus fresh noise of
+        scale η. eta = 0 is deterministic given x_T; eta = 1 with steps = T is exactly the ancestral sampler above.
+        Args: as sample(), plus steps (1 ≤ steps ≤ T) and eta ≥ 0.
+        Returns: x_0 (B, …); with return_trajectory also a (steps + 1, B, …) CPU tensor.
+        """
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"DDIM steps must be between 1 and T = {self.num_timesteps}, got {steps}")
+        device = self.betas.device
+        y = None if y is None else y.to(device)
+        # The sub-sequence τ of timesteps, from T − 1 down to 0 (code indices).
+        taus = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        x = randn_from(shape, generator, device)
+        trajectory = [x.cpu()]
+        for i, k in enumerate(taus):
+            t = torch.full((shape[0],), k, device=device, dtype=torch.long)
+            # DDIM's α is DDPM's ᾱ. After the last step "ᾱ_prev" is ᾱ_0 = 1: the output is x̂_0 itself.
+            a_t = self.alphas_cumprod[k]
+            a_prev = self.alphas_cumprod[taus[i + 1]] if i + 1 < len(taus) else torch.ones_like(a_t)
+            noise_pred = self.guided_noise_pred(model, x, t, y, guidance).float()
+            x0_pred = self.predict_x0(x, t, noise_pred)                        # [DDIM Eq. 12] "predicted x_0"
+            if clip_x0:
+                x0_pred = x0_pred.clamp(-1, 1)
+                noise_pred = (x - a_t.sqrt() * x0_pred) / (1 - a_t).sqrt()     # keep ε consistent with the clipped x̂_0
+            # [DDIM Eq. 16] σ_τ = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev); η = 1 gives σ² = β̃ (DDPM)
+            sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+            # [DDIM Eq. 12] x_prev = √ᾱ_prev·x̂_0 + √(1 − ᾱ_prev − σ²)·ε_θ + σ·z
+            x = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * noise_pred
+            if i + 1 < len(taus) and eta > 0:  # no noise on the last step, as in the ancestral sampler
+                x = x + sigma * randn_from(shape, generator, device)
+            if return_trajectory:
+                trajectory.append(x.cpu())
+        return (x, torch.stack(trajectory)) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Embeddings: how the network is told t and y
+# ----------------------------------------------------------------------------------------------------------------------
+# The network must know how noisy its input is (t) and, optionally, what to draw (y); both become vectors added inside
+# every block. A raw integer t would be a poor input (one number spanning 0..999); sinusoids at geometrically spaced
+# frequencies give each t a distinct, smoothly varying code, as positions get in a Transformer.
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of the timestep, as the Transformer's position encoding [DDPM §4].
+
+    Args: t (B,) int64, dim the feature size.  Returns: (B, dim) float32 [sin(t·f_i), cos(t·f_i)] with
+    frequencies f_i = max_period^(−i/half) spread geometrically from 1 down to 1/max_period.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :]                   # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)   # (B, 2·half)
+    return F.pad(emb, (0, dim - 2 * half))                       # odd dim: one zero column
+
+
+class ClassEmbedding(nn.Module):
+    """A learned vector per class plus one for the null label ∅ (row num_classes), used by guidance [CFG §3.2].
+
+    ∅ is a class like any other to the network: training shows it p_uncond of the time, in place of the true label,
+    so that its vector comes to mean "any class" and ε_θ(x_t, t, ∅) becomes the unconditional model.
+
+    forward(y, batch_size): y (B,) int64 with NULL_LABEL for ∅, or None for an all-∅ batch → (B, dim).
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch_size,), NULL_LABEL, dtype=torch.long, device=self.embed.weight.device)
+        return self.embed(torch.where(y == NULL_LABEL, self.num_classes, y))
+
+
+def embed_conditions(t, y, dim: int, time_mlp: nn.Module, class_embed: nn.Module | None, batch_size: int):
+    """The conditioning vector every block receives: time MLP of the sinusoid, plus the class vector (deviation 5)."""
+    emb = time_mlp(timestep_embedding(t, dim))
+    if class_embed is not None:
+        emb = emb + class_embed(y, batch_size)
+    elif y is not None:
+        raise ValueError("this network was built without classes (num_classes=0) but was given labels y")
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Backbones: ε_θ networks that keep the contract model(x_t, t, y=None) -> noise_pred
+# ----------------------------------------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """ε_θ for low-dimensional points such as the 2-D moons: a residual MLP conditioned on t (and y).
+
+    The point is lifted to `hidden` features; each block adds the embedding of t (and y) to the features and a small
+    two-layer MLP of the sum back onto them (residual connections keep a deep stack easy to train).
+    Args: dim data dimension, hidden width, depth residual blocks, num_classes (0: unconditional).
+    forward(x_t (B, dim), t (B,), y (B,) or None) -> noise_pred (B, dim).
+    """
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int = 0):
+        super().__init__()
+        self.hidden = hidden
+        self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.class_embed = ClassEmbedding(num_classes, hidden) if num_classes > 0 else None
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            for _ in range(depth))
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)  # start by predicting ε = 0: the loss begins at 1, training is calm
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x_t, t, y=None):                 # x_t (B, dim), t (B,), y (B,) or None
+        emb = embed_conditions(t, y, self.hidden, self.time_mlp, self.class_embed, x_t.shape[0])  # (B, hidden)
+        h = self.inp(x_t)                               # (B, hidden)
+        for block in self.blocks:
+            h = h + block(h + emb)                      # every block sees t (and y)
+        return self.out(F.silu(h))                      # (B, dim)
+
+
+# --- U-Net [DDPM Appendix B]: a PixelCNN++-style U-Net of wide residual blocks, self-attention at low resolution ---
+# The base preset on 32×32 images (widths 128·(1, 2, 2, 2), two residual blocks per level, attention at 16×16):
+#
+#   x_t 3×32² ─ conv_in ─ 128×32²: 2 ResBlocks ·························· 3 ResBlocks ─ norm, SiLU, conv_out ─ ε_θ
+#                                      │ Downsample                  Upsample │
+#                         256×16²: 2 (ResBlock → Attention) ········ 3 (ResBlock → Attention)
+#                                      │ Downsample                  Upsample │
+#                         256×8²:  2 ResBlocks ······················ 3 ResBlocks
+#                                      │ Downsample                  Upsample │
+#                         256×4²:  2 ResBlocks ─ middle: ResBlock, Attention, ResBlock ─ 3 ResBlocks
+#
+# Every activation of the down half (the dotted lines) is concatenated onto the input of one up-half block: these
+# skip connections carry fine detail past the 4×4 bottleneck, which in turn sees the whole image at once. Every
+# ResBlock receives the t (and y) embedding. Attention lets distant pixels interact; at 16×16 that is 256² pairs,
+# affordable, where 32×32 would cost 16 times more.
+
+def group_norm(ch: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 4 channels each: DDPM's 32 groups of ≥ 4 at width ≥ 128.
+
+    Narrow networks get fewer groups: a group of one channel would be instance norm, which erases each image's mean
+    brightness from the features, and the network then cannot get backgrounds right.
+    """
+    groups = max(g for g in range(1, min(32, max(1, ch // 4)) + 1) if ch % g == 0)
+    return nn.GroupNorm(groups, ch)
+
+
+class ResBlock(nn.Module):
+    """The U-Net's workhorse: two 3×3 convolutions on a residual branch, told t (and y) in between.
+
+    GroupNorm → SiLU → conv, + a projection of the embedding (one value per channel, the same at every pixel),
+    GroupNorm → SiLU → dropout → conv; the input comes round the branch unchanged, or through a 1×1 convolution
+    when the width changes. forward(x (B, in_ch, H, W), emb (B, emb_dim)) -> (B, out_ch, H, W).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2, self.dropout = group_norm(out_ch), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity, as in DDPM's code
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):                                     # x (B, in_ch, H, W), emb (B, emb_dim)
+        h = self.conv1(F.silu(self.norm1(x)))                      # (B, out_ch, H, W)
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]       # t and y enter every block
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all H·W positions, with a residual connection. Deviation 3: heads of 64 channels.
+
+    Each pixel's features give a query, a key and a value (1×1 convolutions); every pixel then receives the average
+    of all values weighted by softmax(query·key/√d), so far-apart parts of the image can agree (both eyes of a face).
+    forward(x (B, C, H, W)) -> (B, C, H, W).
+    """
+
+    def __init__(self, ch: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = ch // head_dim if ch % head_dim == 0 else 1
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x):                                           # x (B, C, H, W)
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                   # each (B, heads, H·W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)                 # softmax(q·kᵀ/√d)·v, a fused kernel
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Halves H and W with a strided 3×3 convolution (learned, unlike pooling, as in DDPM)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour upsampling, then a 3×3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """ε_θ for images [DDPM Appendix B]: a U-Net with skip connections between its two halves.
+
+    Args:
+        in_ch: image channels.  ch: base width.  ch_mult: width multiplier per resolution level.
+        num_res_blocks: residual blocks per level (the up path has one more, to take the extra skip).
+        attn_resolutions: side lengths (e.g. 16) at which self-attention follows each block.
+        dropout: inside the residual blocks.  image_size: the side the attention resolutions refer to.
+        num_classes: 0 for an unconditional model, else labels 0..num_classes−1 plus ∅.
+    forward(x_t (B, in_ch, H, W), t (B,), y (B,) or None) -> (B, in_ch, H, W), for H, W divisible by 2^(levels−1).
+    """
+
+    def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                 dropout=0.1, image_size=32, num_classes=0):
+        super().__init__()
+        self.ch, self.factor = ch, 2 ** (len(ch_mult) - 1)
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = ClassEmbedding(num_classes, emb_dim) if num_classes > 0 else None
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+
+        def level(blocks, attn, resample):  # one resolution level: residual blocks, their attention, a resampler
+            module = nn.Module()
+            module.blocks, module.resample = nn.ModuleList(blocks), resample
+            module.attns = nn.ModuleList(AttentionBlock(b.conv1.out_channels) if attn else nn.Identity()
+                                         for b in blocks)
+            return module
+
+        # Down path: remember the width of every activation it will hand across as a skip connection.
+        skip_chs, width, res = [ch], ch, image_size
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(ch_mult):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(width, ch * mult, emb_dim, dropout))
+                width = ch * mult
+                skip_chs.append(width)
+            last = i == len(ch_mult) - 1
+            self.down.append(level(blocks, res in attn_resolutions, None if last else Downsample(width)))
+            if not last:
+                skip_chs.append(width)
+                res //= 2
+        self.mid1 = ResBlock(width, width, emb_dim, dropout)
+        self.mid_attn = AttentionBlock(width)
+        self.mid2 = ResBlock(width, width, emb_dim, dropout)
+        # Up path: each block takes the current features concatenated with one skip, in reverse order.
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(width + skip_chs.pop(), ch * mult, emb_dim, dropout))
+                width = ch * mult
+            self.up.append(level(blocks, res in attn_resolutions, Upsample(width) if i > 0 else None))
+            res *= 2
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, in_ch, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # start by predicting ε = 0
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x_t, t, y=None):
+        H, W = x_t.shape[-2:]
+        if H % self.factor or W % self.factor:
+            raise ValueError(f"image size {H}×{W} must be divisible by {self.factor} for this U-Net's downsampling")
+        emb = embed_conditions(t, y, self.ch, self.time_mlp, self.class_embed, x_t.shape[0])  # (B, 4·ch)
+        hs = [self.conv_in(x_t)]                                     # (B, ch, H, W)
+        for lvl in self.down:
+            for block, attn in zip(lvl.blocks, lvl.attns):
+                hs.append(attn(block(hs[-1], emb)))
+            if lvl.resample is not None:
+                hs.append(lvl.resample(hs[-1]))                      # (B, C, H/2, W/2)
+        h = self.mid2(self.mid_attn(self.mid1(hs[-1], emb)), emb)
+        for lvl in self.up:
+            for block, attn in zip(lvl.blocks, lvl.attns):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+            if lvl.resample is not None:
+                h = lvl.resample(h)                                  # (B, C, 2H, 2W)
+        return self.conv_out(F.silu(self.norm_out(h)))               # (B, in_ch, H, W)
+
+
+# Presets (--model). Parameter counts without the class embedding, for 32×32×3 (mnist: 28×28×1); test_ddpm.py checks them.
+UNET_PRESETS = {
+    "tiny": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0),       # tests, smoke runs
+    "mnist": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0),  # CPU-friendly
+    "small": dict(ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.1),
+    "base": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),  # DDPM CIFAR-10
+    "large": dict(ch=128, ch_mult=(1, 2, 2, 3), num_res_blocks=2, attn_resolutions=(16, 8, 4), dropout=0.1),
+}
+
+
+def build_unet(preset: str, in_ch: int, image_size: int, num_classes: int) -> UNet:
+    """A UNet from a preset name (see UNET_PRESETS).
+
+    Args: preset name, in_ch image channels, image_size the side the attention resolutions refer to, num_classes
+    (0 for an unconditional model).
+    """
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"unknown U-Net preset {preset!r}; choose one of: {', '.join(UNET_PRESETS)}")
+    return UNet(in_ch=in_ch, image_size=image_size, num_classes=num_classes, **UNET_PRESETS[preset])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Training plumbing: configuration, data, EMA, checkpoints, the training loop
+# ----------------------------------------------------------------------------------------------------------------------
+# Nothing below is DDPM; it is what makes long runs safe. The promises, each tested in test_ddpm.py:
+#   * a run stopped at any instant (Ctrl-C, SIGTERM, SIGKILL, power cut) resumes to the same weights, bit for bit on
+#     a CPU, losing at most the steps since the last checkpoint: checkpoints hold every RNG state the loop uses;
+#   * a checkpoint on disk is never torn: files are written aside, fsynced, then renamed into place;
+#   * bad input and bad files end in one clear line (UserError), with nothing on disk changed.
+
+class UserError(Exception):
+    """A problem the user can fix: bad settings, a missing or unreadable file, a full disk. The scripts print it as
+    one line without a traceback and exit with status 1."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: unreadable, corrupted, foreign, or carrying pickled code."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised by train() after SIGINT or SIGTERM, once the checkpoint is written; exit_code is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: out_dir -> --out-dir."""
+    return "--" + name.replace("_", "-")
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception's message (library messages can run to paragraphs)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run. Scripts subclass it to change defaults and add fields. The command line is made
+    from it (parse_config): each field becomes --field-name and the comment after it becomes its --help text."""
+    out_dir: str = "runs/default"   # folder for checkpoints, metrics.csv and pictures
+    resume: bool = False            # continue the run saved in --out-dir
+    overwrite: bool = False         # start afresh in an --out-dir that holds a checkpoint (its checkpoints are deleted)
+    device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    seed: int = 0                   # seeds the weights, the noise and the data order
+    num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]
+    schedule: str = "linear"        # noise schedule: linear [DDPM] or cosine [IDDPM]
+    p_uncond: float = 0.1           # probability of training on the null label, for guidance [CFG: 0.1 to 0.2]
+    steps: int = 10_000             # optimizer steps to train for (not epochs)
+    batch_size: int = 128           # examples per step [DDPM CIFAR-10: 128]
+    lr: float = 2e-4                # AdamW learning rate after the warm-up [DDPM CIFAR-10: 2e-4]
+    warmup: int = 1000              # steps of linear learning-rate warm-up from 0 [DDPM: 5000]
+    weight_decay: float = 0.0       # AdamW weight decay (0 is plain Adam, as in DDPM)
+    grad_clip: float = 1.0          # clip the gradient norm to this (0: no clipping) [DDPM: 1]
+    ema_decay: float = 0.9999       # decay of the moving average of the weights that samples come from [DDPM: 0.9999]
+    amp: str = "auto"               # mixed precision: auto (bf16 on CUDA, off elsewhere), bf16 or none
+    compile: bool = False           # torch.compile the model for training (checkpoints keep the plain weights)
+    max_bad_steps: int = 5          # stop after this many NaN/Inf losses in a row (each such step is skipped)
+    log_every: int = 100            # print a log line and append a row to metrics.csv every N steps
+    sample_every: int = 1000        # save pictures sampled from the EMA model every N steps (0: never)
+    ckpt_every: int = 1000          # write a checkpoint every N steps, at the end, and on Ctrl-C or SIGTERM
+    keep_ckpts: int = 2             # checkpoints kept: ckpt.pt (newest), ckpt.1.pt, ... (resume falls back to older)
+    sample_only: bool = False       # no training: load the checkpoint in --out-dir, sample and plot
+    sampler: str = "ddpm"           # ddpm (ancestral, T network calls) or ddim (--sample-steps calls)
+    sample_steps: int = 100         # DDIM steps (the ddpm sampler always takes T)
+    num_samples: int = 1000         # how many samples to draw at the end and with --sample-only
+    guidance: float = 1.0           # classifier-free guidance weight w (1: plain conditional model, >1: sharper)
+
+    # Fields a resumed run may change (when to stop, how often to log, how to sample, where to run). Any other
+    # difference from the checkpoint's config is refused: it would silently train a different model.
+    RESUMABLE: ClassVar[frozenset] = frozenset({
+        "out_dir", "resume", "overwrite", "device", "steps", "amp", "compile", "max_bad_steps", "log_every",
+        "sample_every", "ckpt_every", "keep_ckpts", "sample_only", "sampler", "sample_steps", "num_samples",
+        "guidance"})
+    CHOICES: ClassVar[dict] = {"schedule": SCHEDULES, "sampler": ("ddpm", "ddim"), "amp": ("auto", "bf16", "none")}
+
+    def check(self) -> None:
+        """Raises UserError naming the first impossible setting and what to do instead."""
+        at_least_1 = ("steps", "batch_size", "num_timesteps", "log_every", "ckpt_every", "keep_ckpts",
+                      "num_samples", "sample_steps", "max_bad_steps")
+        at_least_0 = ("warmup", "sample_every", "grad_clip", "weight_decay")
+        for name in at_least_1 + at_least_0:
+            low = 1 if name in at_least_1 else 0
+            if getattr(self, name) < low:
+                raise UserError(f"{flag(name)} must be at least {low}, got {getattr(self, name)}")
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.p_uncond <= 1:
+            raise UserError(f"--p-uncond is a probability between 0 and 1, got {self.p_uncond}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.sampler == "ddim" and self.sample_steps > self.num_timesteps:
+            raise UserError(f"--sample-steps {self.sample_steps} exceeds --num-timesteps {self.num_timesteps}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+
+
+def config_help(cls) -> dict:
+    """{field: help} read from the comment after each field in the class source (subclasses override)."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass) if dataclasses.is_dataclass(klass) else ""
+        except (OSError, TypeError):  # no source (e.g. a class typed into a REPL): no help texts
+            continue
+        helps.update(re.findall(r"^ +(\w+): [^=\n]+=[^#\n]+# (.+)$", source, flags=re.M))
+    return helps
+
+
+class _OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line (not the whole usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_config(cls, argv=None):
+    """Builds the command line from a config dataclass and returns cls(**parsed arguments).
+
+    Every field becomes --field-name with its default; booleans become --flag/--no-flag. Exits with status 2 and one
+    line on an unknown flag or a value of the wrong type.
+    """
+    parser = _OneLineArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0],
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = config_help(cls)
+    for f in fields(cls):
+        kwargs = dict(default=f.default, help=helps.get(f.name, f.name))
+        if isinstance(f.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=type(f.default), choices=cls.CHOICES.get(f.name), metavar=type(f.default).__name__.upper())
+        parser.add_argument(flag(f.name), **kwargs)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+_devices_announced = set()
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """"auto" → cuda, then mps, then cpu; any other name is checked. Announced once; on CUDA enables TF32 matmuls."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise UserError(f"--device {name}: not available on this machine; use --device auto or --device cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")     # TF32 tensor cores for float32 matmuls (cuDNN convolutions
+        torch.backends.cudnn.benchmark = True          # use TF32 by default); pick the fastest kernels for our shapes
+    if name not in _devices_announced:
+        _devices_announced.add(name)
+        print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    return device
+
+
+@dataclass
+class Data:
+    """A training set held whole in memory, on the training device: batches are built there, with no loader workers.
+
+    Images are kept as uint8 (4× smaller than float) and scaled to [−1, 1] one batch at a time.
+    """
+    x: torch.Tensor                  # (N, D) float points, or (N, C, H, W) uint8 images
+    y: torch.Tensor | None = None    # (N,) int64 class labels, or None for unlabelled data
+    class_names: tuple = ()          # a name per class; empty for unlabelled data
+    hflip: bool = False              # flip images left-right at random (data augmentation)
+    meta: dict = field(default_factory=dict)  # other facts a resumed run must agree on (e.g. normalisation)
+
+    def to(self, device) -> "Data":
+        return dataclasses.replace(self, x=self.x.to(device), y=None if self.y is None else self.y.to(device))
+
+    def batch(self, idx: torch.Tensor, flip: torch.Tensor):
+        """x0 (B, …) float and y (B,) or None, for example indices idx (B,) and flip decisions flip (B,) bool."""
+        x0 = self.x[idx]
+        if x0.dtype == torch.uint8:
+            x0 = x0.float() / 127.5 - 1                                      # pixels {0..255} → [−1, 1]
+        if self.hflip:
+            x0 = torch.where(flip.view(-1, *[1] * (x0.dim() - 1)), x0.flip(-1), x0)
+        return x0, None if self.y is None else self.y[idx]
+
+    def info(self) -> dict:
+        """What identifies this data set for the resume guard."""
+        return {"size": len(self.x), "shape": list(self.x.shape[1:]), "dtype": str(self.x.dtype),
+                "class_names": list(self.class_names), **self.meta}
+
+
+class BatchOrder:
+    """Which examples form each batch: a new random permutation every epoch, drawn from a generator of its own.
+
+    Its whole state (generator, permutation, position) goes into the checkpoint, so a resumed run sees the same
+    batches, and so do runs of any batch size, even one larger than the data set.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = torch.empty(0, dtype=torch.long), 0
+
+    def next(self):
+        """Indices (B,) and horizontal-flip decisions (B,) for the next batch, on the CPU."""
+        parts, need = [], self.batch_size
+        while need > 0:
+            if self.pos == len(self.perm):  # epoch over: reshuffle
+                self.perm, self.pos = torch.randperm(self.size, generator=self.generator), 0
+            take = min(need, len(self.perm) - self.pos)
+            parts.append(self.perm[self.pos:self.pos + take])
+            self.pos, need = self.pos + take, need - take
+        return torch.cat(parts), torch.rand(self.batch_size, generator=self.generator) < 0.5
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos = state["perm"], state["pos"]
+
+
+class EMA:
+    """An exponential moving average of a model's weights, θ_ema ← d·θ_ema + (1 − d)·θ, updated after every step.
+
+    Samples come from the average: it changes slowly and gives cleaner samples than the raw weights [DDPM §4].
+    Deviation 4: d = min(decay, (1 + n)/(10 + n)) after n updates, so that early on the average follows the model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self._pairs = (list(self.model.parameters()), list(model.parameters()))
+        self._buffers = (list(self.model.buffers()), list(model.buffers()))
+
+    @torch.no_grad()
+    def update(self, num_updates: int) -> None:
+        d = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        torch._foreach_lerp_(*self._pairs, 1 - d)        # θ_ema += (1 − d)·(θ − θ_ema), one fused kernel per dtype
+        for ema_buffer, buffer in zip(*self._buffers):   # buffers (none in our nets) are copied, not averaged
+            ema_buffer.copy_(buffer)
+
+
+# --- Checkpoints: written atomically, verified on load, several kept ---
+
+CKPT_FORMAT, CKPT_VERSION = "diffusionlab-checkpoint", 1
+
+
+def fsync_dir(folder: Path) -> None:
+    """Makes a rename inside `folder` durable (POSIX); Windows cannot open a folder for this."""
+    if os.name != "nt":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable, before_replace: Callable | None = None) -> None:
+    """Writes a file so that a crash at any instant leaves the old file or the complete new one, never a torn one.
+
+    write(f) fills a temporary file in the same folder; it is flushed and fsynced, `before_replace()` runs, then
+    os.replace renames it over `path` (atomic on POSIX and Windows) and the folder is fsynced so the rename persists.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:          # including a second Ctrl-C: never leave the half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def state_checksum(state) -> str:
+    """SHA-256 of every tensor's bytes and every other value in a nested dict. torch.load does not notice flipped
+    bits inside tensor data; comparing this does."""
+    h = hashlib.sha256()
+
+    def visit(obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=repr):
+                h.update(repr(key).encode())
+                visit(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"[")
+            for item in obj:
+                visit(item)
+            h.update(b"]")
+        else:
+            h.update(repr(obj).encode())
+
+    visit(state)
+    return h.hexdigest()
+
+
+def to_cpu(obj):
+    """A copy of a nested dict/list with every tensor moved to the CPU: files then load on any machine, and the
+    checksum is computed from the same bytes that torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def find_checkpoints(out_dir) -> list[Path]:
+    """The checkpoints in out_dir, newest first: ckpt.pt, ckpt.1.pt, ckpt.2.pt, …
+
+    A crash between two renames of save_checkpoint can leave ckpt.pt missing for a moment; the older ones are then
+    still listed, so a resume finds the newest complete checkpoint.
+    """
+    out_dir = Path(out_dir)
+    older = sorted((int(m[1]), p) for p in out_dir.glob("ckpt.*.pt") if (m := re.fullmatch(r"ckpt\.(\d+)\.pt", p.name)))
+    newest = [out_dir / "ckpt.pt"] if (out_dir / "ckpt.pt").exists() else []
+    return newest + [p for _, p in older]
+
+
+def save_checkpoint(state: dict, out_dir, keep: int = 2) -> Path:
+    """Writes `state` to <out_dir>/ckpt.pt atomically, with a checksum; keeps the keep − 1 previous ones.
+
+    The previous checkpoints move down (ckpt.pt → ckpt.1.pt → …) only once the new file is safely on disk.
+    Raises UserError if the disk is full or the folder unwritable; the checkpoints already there stay intact.
+    """
+    out_dir = Path(out_dir)
+    state = to_cpu(state)
+    state["checksum"] = state_checksum(state)
+    paths = [out_dir / "ckpt.pt"] + [out_dir / f"ckpt.{i}.pt" for i in range(1, keep)]
+
+    def shift_older():
+        for older, newer in reversed(list(zip(paths[1:], paths[:-1]))):
+            if newer.exists():
+                os.replace(newer, older)
+
+    try:
+        atomic_write(paths[0], lambda f: torch.save(state, f), before_replace=shift_older)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise UserError(f"could not write a checkpoint into {out_dir} ({one_line(e)}); free some disk space or "
+                        f"choose another --out-dir. The checkpoints already there are intact") from None
+    for extra in find_checkpoints(out_dir)[keep:]:  # --keep-ckpts lowered on resume
+        extra.unlink()
+    return paths[0]
+
+
+def load_checkpoint(path) -> dict:
+    """Loads and verifies one checkpoint. Raises CheckpointError saying why the file cannot be used.
+
+    weights_only=True lets the unpickler build only tensors and plain containers, so a file carrying pickled code
+    is refused before any of it runs.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to read an untrusted file is the file's fault, so report it as such
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it holds pickled Python objects, not only tensors, and "
+                                  f"those could run code (nothing of it ran); use checkpoints written by ddpm.py") from None
+        raise CheckpointError(f"{path} is unreadable: truncated or corrupted ({one_line(e)})") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not a DiffusionLab checkpoint (it lacks format={CKPT_FORMAT!r})")
+    if state.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')!r}; "
+                              f"this ddpm.py reads version {CKPT_VERSION}")
+    missing = {"step", "config", "config_class", "data_info", "model", "ema", "optimizer", "lr_schedule",
+               "data_order", "rng", "loop"} - state.keys()
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(missing))}")
+    if state.pop("checksum", None) != state_checksum(state):
+        raise CheckpointError(f"{path} is corrupted: its contents do not match the checksum saved with them")
+    return state
+
+
+def load_latest_checkpoint(out_dir) -> tuple[dict, Path]:
+    """The newest usable checkpoint in out_dir; an unusable newer one is skipped with a warning that says so."""
+    candidates = find_checkpoints(out_dir)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint in {out_dir}")
+    for i, path in enumerate(candidates):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError as e:
+            if i + 1 == len(candidates):
+                raise
+            print(f"warning: {e}; falling back to the older {candidates[i + 1]}", file=sys.stderr)
+
+
+def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
+    """Refuses to resume a checkpoint made with a different model, diffusion, optimiser or data configuration."""
+    saved, now = state["config"], asdict(cfg)
+    diffs = [f"{flag(k)} (checkpoint {saved.get(k)!r}, now {v!r})"
+             for k, v in now.items() if k not in cfg.RESUMABLE and saved.get(k) != v]
+    diffs += [f"data {k} (checkpoint {state['data_info'].get(k)!r}, now {v!r})"
+              for k, v in data_info.items() if state["data_info"].get(k) != v]
+    if state.get("config_class") != type(cfg).__name__:
+        diffs.insert(0, f"script config (checkpoint {state.get('config_class')}, now {type(cfg).__name__})")
+    if diffs:
+        raise UserError(f"{path} was trained with a different configuration: {'; '.join(diffs)}. Resume with the "
+                        f"checkpoint's settings, or train afresh with a new --out-dir or --overwrite")
+
+
+def load_for_sampling(cfg: TrainConfig):
+    """For --sample-only: (the config the checkpoint was trained with, the checkpoint). The fields a resume may change
+    (sampler, guidance, num_samples, device, …) are taken from cfg, all others from the checkpoint."""
+    if not find_checkpoints(cfg.out_dir):
+        raise UserError(f"--sample-only: no checkpoint in {cfg.out_dir}; train first, or point --out-dir at a run")
+    state, path = load_latest_checkpoint(cfg.out_dir)
+    if state.get("config_class") != type(cfg).__name__:
+        raise UserError(f"{path} was written by another script ({state.get('config_class')}); sample it with that one")
+    saved = state["config"]
+    merged = {f.name: getattr(cfg, f.name) if f.name in cfg.RESUMABLE else saved.get(f.name, getattr(cfg, f.name))
+              for f in fields(cfg)}
+    return type(cfg)(**merged), state
+
+
+# --- One run per out-dir, stopping on signals, and the metrics log ---
+
+class OutDirLock:
+    """Keeps a second training process out of an out-dir: <out_dir>/train.lock holds the owner's pid and host.
+
+    A lock whose process has died (checked on this host with os.kill(pid, 0)) is stale and taken over; a live owner,
+    or one on another host, makes the second run refuse with a message saying what to do.
+    """
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / "train.lock"
+
+    def owner(self) -> str | None:
+        """Who holds the lock, or None when nobody alive does."""
+        try:
+            pid_text, host = self.path.read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):   # gone, or half-written by a process killed while creating it
+            return None
+        if host != socket.gethostname() or os.name == "nt":   # cannot check: assume it is alive
+            return f"pid {pid} on {host}"
+        if pid == os.getpid():          # our own pid left by an earlier process (containers reuse pids): stale
+            return None
+        try:
+            os.kill(pid, 0)             # signal 0 only checks that the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:         # exists, owned by another user
+            pass
+        return f"pid {pid} on {host}"
+
+    def __enter__(self):
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # fails if it exists
+            except FileExistsError:
+                holder = self.owner()
+                if holder is not None:
+                    raise UserError(f"{self.path.parent} is in use by another training run ({holder}); wait for it, "
+                                    f"use another --out-dir, or delete {self.path} if that run is gone") from None
+                print(f"warning: removing the stale lock {self.path} of a run that is no longer alive", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                raise UserError(f"cannot write into --out-dir {self.path.parent} ({one_line(e)}); "
+                                f"choose a writable folder") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            return self
+        raise UserError(f"could not take the lock {self.path}: another process keeps creating it")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+class StopOnSignal:
+    """The first SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) asks the loop to stop after the current
+    step and save; a second one aborts at once (KeyboardInterrupt). The files on disk stay consistent either way."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              f"(send it again to abort at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class MetricsLog:
+    """metrics.csv, one row per logged step, appended as training goes.
+
+    On (re)start every row after the step being resumed from is dropped, with any torn last line, and the file is
+    rewritten atomically; those steps are trained, and logged, again. So after any number of interruptions and
+    resumes each logged step appears exactly once.
+    """
+    COLUMNS = ("step", "loss", "lr", "img_per_s", "skipped_steps")
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines(keepends=True)[1:]:
+                values = line.rstrip("\n").split(",")
+                complete = line.endswith("\n") and len(values) == len(self.COLUMNS) and values[0].isdigit()
+                if complete and int(values[0]) <= start_step:
+                    kept.append(line)
+        header = ",".join(self.COLUMNS) + "\n"
+        atomic_write(path, lambda f: f.write((header + "".join(kept)).encode()))
+
+    def append(self, *values) -> None:
+        with open(self.path, "a") as f:
+            f.write(",".join(str(v) for v in values) + "\n")
+
+
+def resume_command() -> str:
+    """The command that continues this run: the same command line with --resume (and without --overwrite)."""
+    if not sys.argv or not sys.argv[0].endswith(".py"):
+        return "call train() again with resume=True in the config"
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
+    return " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *args, "--resume"])
+
+
+# --- The training loop ---
+
+def amp_dtype(cfg: TrainConfig, device: torch.device):
+    """The autocast dtype: bfloat16, or None for plain float32.
+
+    Under bf16 autocast, matmuls and convolutions run in bfloat16 on tensor cores while weights, optimizer state and
+    the loss stay float32. bf16 has float32's exponent range, so unlike float16 it needs no loss scaling.
+    """
+    return torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda") else None
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW; on CUDA its fused kernel updates all parameters in a few launches."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def train_step(model_fn, model, diffusion, x0, y, cfg, dtype):
+    """Forward and backward on one batch, gradients clipped, no update yet (the caller first checks the loss).
+
+    Args: model_fn the (maybe compiled) callable, model the module that owns the parameters, x0 (B, …), y (B,) or
+    None, cfg for grad_clip, dtype from amp_dtype.  Returns: the loss and the gradient norm before clipping, as tensors.
+    Clipping the norm to 1 [DDPM Appendix B] keeps a rare huge gradient (a badly noised batch) from wrecking Adam.
+    """
+    with torch.autocast(x0.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = diffusion.loss(model_fn, x0, y)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    return loss, grad_norm
+
+
+def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, on_snapshot: Callable | None = None):
+    """Trains `model` to predict the noise [DDPM Alg. 1], with AdamW, warm-up, clipping, an EMA and checkpoints.
+
+    Args:
+        model: the backbone (any nn.Module keeping the contract).  diffusion: the process and its loss.
+        data: the training set.  cfg: a TrainConfig (cfg.resume continues the run in cfg.out_dir).
+        on_snapshot: fn(ema_model, step), called every cfg.sample_every steps to save pictures.
+    Returns:
+        The EMA model, in eval mode on the training device: the one to sample from.
+    Raises:
+        UserError for a problem the user can fix; TrainingInterrupted after SIGINT/SIGTERM, its checkpoint written.
+    """
+    device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
+    # Decide what this run is before touching the disk: a refused run changes nothing.
+    found = find_checkpoints(out_dir)
+    if cfg.resume and not found:
+        raise UserError(f"--resume: no checkpoint in {out_dir}; start without --resume")
+    if found and not cfg.resume and not cfg.overwrite:
+        raise UserError(f"{out_dir} already holds a checkpoint ({found[0]}); add --resume to continue that run "
+                        f"or --overwrite to start over")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out-dir {out_dir} ({one_line(e)}); choose a writable folder") from None
+    with OutDirLock(out_dir), StopOnSignal() as stop:
+        return _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
+
+
+def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop):
+    """The body of train(), run while holding the out-dir's lock and the signal handlers."""
+    for leftover in out_dir.glob(".*.tmp-*"):  # halves of files whose writer was killed
+        leftover.unlink()
+    if cfg.overwrite:
+        for old in find_checkpoints(out_dir) + [out_dir / "metrics.csv"]:
+            old.unlink(missing_ok=True)
+
+    # 1. Everything the loop uses, freshly seeded. Exact resume rests on an inventory of state: the weights, the EMA,
+    #    Adam's moments and step count, the LR schedule's position, the step, the data order, and the RNGs that draw
+    #    t, ε and the label dropout (torch's CPU generator, and CUDA's on a GPU). Miss one and a resumed run drifts.
+    torch.manual_seed(cfg.seed)
+    images = data.x.dim() == 4
+    channels_last = images and device.type == "cuda"   # NHWC: the layout tensor-core convolutions want
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).train()
+    data, diffusion = data.to(device), diffusion.to(device)
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = make_optimizer(model, cfg, device)
+    # Linear warm-up from 0 to cfg.lr over cfg.warmup steps, then constant [DDPM Appendix B].
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, cfg.warmup)))
+    order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
+    model_fn = torch.compile(model) if cfg.compile else model  # compiled for speed; `model` keeps the plain weights
+    dtype = amp_dtype(cfg, device)
+    step, loss_sum, loss_count, bad_streak, skipped = 0, 0.0, 0, 0, 0
+
+    # 2. Or all of it as it was at the last checkpoint (the newest readable one; guard_resume refuses a checkpoint of
+    #    a different model or data set before anything is loaded into this one).
+    if cfg.resume:
+        state, path = load_latest_checkpoint(out_dir)
+        guard_resume(state, cfg, data.info(), path)
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["lr_schedule"])
+        order.load_state_dict(state["data_order"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step = state["step"]
+        loss_sum, loss_count, bad_streak, skipped = state["loop"]
+        print(f"resuming from {path} at step {step:,}")
+    metrics = MetricsLog(out_dir / "metrics.csv", step)
+
+    def checkpoint():
+        return save_checkpoint({
+            "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
+            "config": asdict(cfg), "config_class": type(cfg).__name__, "data_info": data.info(),
+            "model": model.state_dict(), "ema": ema.model.state_dict(),
+            "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "data_order": order.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "loop": [loss_sum, loss_count, bad_streak, skipped],
+        }, out_dir, cfg.keep_ckpts)
+
+    # 3. The loop [DDPM Alg. 1]: sample a batch, take a gradient step on the noise-prediction loss, repeat. Each step
+    #    ends with the bookkeeping, in an order that matters: the log row for step n is written before the checkpoint
+    #    of step n, so a crash between the two re-logs step n after resuming, and MetricsLog drops the first copy.
+    tic, window_steps = time.perf_counter(), 0
+    while step < cfg.steps:
+        idx, flip = order.next()
+        x0, y = data.batch(idx.to(device), flip.to(device))
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss, grad_norm = train_step(model_fn, model, diffusion, x0, y, cfg, dtype)
+        loss_value = loss.item()  # the one host-device sync per step: we must know before updating
+        if math.isfinite(loss_value) and math.isfinite(grad_norm.item()):
+            optimizer.step()
+            ema.update(step)
+            loss_sum, loss_count, bad_streak = loss_sum + loss_value, loss_count + 1, 0
+        else:  # skip the update; the data and the RNGs move on as if it had happened
+            bad_streak, skipped = bad_streak + 1, skipped + 1
+            print(f"warning: step {step + 1}: loss is {loss_value}; update skipped ({bad_streak} in a row)",
+                  file=sys.stderr)
+            if bad_streak >= cfg.max_bad_steps:
+                raise UserError(f"the loss was NaN or Inf for {bad_streak} steps in a row (up to step {step + 1}); "
+                                f"training stopped, the last good checkpoint is kept in {out_dir}. Lower --lr, "
+                                f"check the data for NaN/Inf values, or try --amp none")
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        step, window_steps = step + 1, window_steps + 1
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - tic
+            rate = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+            mean_loss = loss_sum / loss_count if loss_count else float("nan")
+            lr = schedule.get_last_lr()[0]
+            eta = int((cfg.steps - step) * cfg.batch_size / max(rate, 1e-9))
+            print(f"step {step:,}/{cfg.steps:,} ({100 * step // cfg.steps}%) | loss {mean_loss:.4f} | lr {lr:.1e} | "
+                  f"{rate:,.0f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
+            metrics.append(step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", skipped)
+            loss_sum, loss_count = 0.0, 0
+            tic, window_steps = time.perf_counter(), 0
+        if on_snapshot is not None and cfg.sample_every and step % cfg.sample_every == 0:
+            on_snapshot(ema.model, step)
+            tic, window_steps = time.perf_counter(), 0  # sampling time is not training speed
+        stopping = stop.signum  # read once: a signal arriving between two reads must not skip the save
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+            path = checkpoint()
+            tic, window_steps = time.perf_counter(), 0
+        if stopping:
+            name = signal.Signals(stopping).name
+            raise TrainingInterrupted(f"stopped by {name} at step {step:,}/{cfg.steps:,}; checkpoint saved to {path}\n"
+                                      f"resume with: {resume_command()}", 128 + stopping)
+    return ema.model
+
+
+def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, steps: int = 50, warmup: int = 10):
+    """Times `steps` training steps after `warmup` ones and prints img/s, FLOPs per image, TFLOP/s and peak memory.
+
+    Writes nothing. FLOPs are counted on one eager step by torch.utils.flop_counter (forward and backward; the
+    matmuls and convolutions, which are nearly all of it). Returns the figures as a dict.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    device = choose_device(cfg.device)
+    images = data.x.dim() == 4 and device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if images else torch.preserve_format).train()
+    data, diffusion = data.to(device), diffusion.to(device)
+    optimizer, dtype = make_optimizer(model, cfg, device), amp_dtype(cfg, device)
+    order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
+    model_fn = torch.compile(model) if cfg.compile else model
+
+    def one_step(fn):
+        idx, flip = order.next()
+        x0, y = data.batch(idx.to(device), flip.to(device))
+        if images:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        train_step(fn, model, diffusion, x0, y, cfg, dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        one_step(model)
+    flops_per_image = counter.get_total_flops() / cfg.batch_size
+    for _ in range(warmup):
+        one_step(model_fn)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        one_step(model_fn)
+    sync()
+    seconds = time.perf_counter() - tic
+    img_per_s = steps * cfg.batch_size / seconds
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        memory = f"{peak:.2f} GiB peak GPU memory"
+    else:
+        import resource  # peak resident memory of the whole process (Linux reports KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        memory = f"{peak:.2f} GiB peak process memory"
+    tflops = flops_per_image * img_per_s / 1e12
+    params = sum(p.numel() for p in model.parameters())
+    print(f"bench: {params / 1e6:.1f}M parameters | batch {cfg.batch_size} | amp {dtype or 'none'} | compile "
+          f"{cfg.compile} | {steps} steps in {seconds:.2f} s | {img_per_s:,.0f} img/s | "
+          f"{flops_per_image / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.1f} TFLOP/s | {memory}")
+    return {"img_per_s": img_per_s, "flops_per_image": flops_per_image, "tflops": tflops, "peak_gib": peak}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Script support: the command-line runner, plots, and the image experiments (train_mnist.py, train_cifar.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def cli(config_cls, main: Callable, argv=None) -> int:
+    """Runs main(cfg) with cfg parsed from the command line, and returns the process exit status:
+    0 done; 1 a problem the printed line explains; 2 a malformed command line; 128 + signal number (130 for Ctrl-C,
+    143 for SIGTERM) when stopped by a signal, its checkpoint saved (the printed command resumes it)."""
+    try:
+        cfg = parse_config(config_cls, argv)
+    except SystemExit as e:  # argparse: --help (0) or a malformed command line (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        cfg.check()
+        main(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("aborted; the last checkpoint written is intact (resume with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def draw(diffusion: Diffusion, model, cfg: TrainConfig, shape, y=None, generator=None, clip_x0=False,
+         return_trajectory=False):
+    """Samples with the sampler cfg names: ancestral ("ddpm", T steps) or DDIM ("ddim", cfg.sample_steps, η = 0),
+    with guidance weight cfg.guidance. Arguments and return value as Diffusion.sample."""
+    kwargs = dict(y=y, guidance=cfg.guidance, generator=generator, clip_x0=clip_x0,
+                  return_trajectory=return_trajectory)
+    if cfg.sampler == "ddim":
+        return diffusion.ddim_sample(model, shape, steps=cfg.sample_steps, **kwargs)
+    return diffusion.sample(model, shape, **kwargs)
+
+
+def plot_loss(out_dir) -> None:
+    """loss.png from metrics.csv: the training loss (mean over each log interval) against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [line.split(",") for line in (Path(out_dir) / "metrics.csv").read_text().splitlines()[1:]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows])
+    ax.set(xlabel="step", ylabel="loss (MSE of ε)", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+# --- Image experiments: the shared body of train_mnist.py and train_cifar.py ---
+
+@dataclass
+class ImageConfig(TrainConfig):
+    """Class-conditional image diffusion with a U-Net and classifier-free guidance."""
+    model: str = "small"            # U-Net preset: tiny, mnist, small, base or large (see UNET_PRESETS)
+    data_dir: str = "./data"        # torchvision downloads the data set into this folder, or finds it there
+    data: str = ""                  # train on your own images instead: a folder with one sub-folder per class
+    image_size: int = 32            # --data images are resized and centre-cropped to this side
+    channels: int = 3               # --data images are read as 3 (RGB) or 1 (greyscale) channels
+    hflip: bool = True              # flip training images left-right at random (augmentation)
+    guidance: float = 2.0           # classifier-free guidance weight w for samples (1: plain conditional model)
+    label: str = "all"              # class to draw: all, a class name or a class index
+    dump_samples: int = 0           # write this many class-balanced single PNGs (for FID tools) into --dump-dir
+    dump_dir: str = ""              # folder for --dump-samples (default: <out-dir>/dump)
+    bench: bool = False             # time ~50 training steps on random data: img/s, FLOPs, TFLOP/s, peak memory
+
+    RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"data_dir", "data", "label", "dump_samples", "dump_dir",
+                                                              "bench"}
+    CHOICES: ClassVar[dict] = {**TrainConfig.CHOICES, "model": tuple(UNET_PRESETS), "channels": (1, 3)}
+
+    def check(self) -> None:
+        super().check()
+        if self.image_size < 1 or self.dump_samples < 0:
+            raise UserError("--image-size must be positive and --dump-samples at least 0")
+
+
+def load_image_folder(cfg: ImageConfig) -> Data:
+    """Reads an ImageFolder (cfg.data/<class name>/<image file>) into memory.
+
+    Images are converted to cfg.channels channels, resized so the short side is cfg.image_size and centre-cropped.
+    Returns: Data with x (N, C, S, S) uint8, y (N,) and the class names (the sub-folder names, sorted).
+    Raises UserError for a missing folder, a folder without images, or a file that is not an image.
+    """
+    from functools import partial
+
+    from PIL import Image
+    from torchvision import datasets, transforms
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise UserError(f"--data {root}: no such folder; give a folder with one sub-folder of images per class")
+    to_tensor = transforms.Compose([
+        partial(Image.Image.convert, mode="L" if cfg.channels == 1 else "RGB"),
+        transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size), transforms.PILToTensor()])
+    try:
+        folder = datasets.ImageFolder(root, transform=to_tensor)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"--data {root}: no images found ({one_line(e)}); put .png or .jpg files into one "
+                        f"sub-folder per class") from None
+    # Decoding many files is the slow part: worker processes do it once here (never in the training loop).
+    workers = min(8, os.cpu_count() or 1) if len(folder) > 5000 else 0
+    try:
+        batches = list(torch.utils.data.DataLoader(folder, batch_size=500, num_workers=workers))
+    except OSError as e:  # PIL raises OSError subclasses for files that are not images
+        raise UserError(f"--data {root}: cannot read an image ({one_line(e)}); remove or fix that file") from None
+    print(f"data: {len(folder):,} images of {len(folder.classes)} classes from {root}")
+    return Data(x=torch.cat([b[0] for b in batches]), y=torch.cat([b[1] for b in batches]),
+                class_names=tuple(folder.classes), hflip=cfg.hflip)
+
+
+def labels_to_draw(label: str, class_names) -> list[int]:
+    """The class indices --label asks for: "all", a class name ("horse") or a class index ("7").
+
+    Raises UserError listing the valid names for anything else.
+    """
+    if label == "all":
+        return list(range(len(class_names)))
+    if label in class_names:
+        return [list(class_names).index(label)]
+    if label.isdigit() and int(label) < len(class_names):
+        return [int(label)]
+    raise UserError(f"--label {label!r} is not a class; use all, an index below {len(class_names)}, or one of: "
+                    f"{', '.join(class_names)}")
+
+
+def generate_images(diffusion, model, cfg, y, shape, generator, return_trajectory=False):
+    """Images for the labels y, drawn cfg.batch_size at a time with the configured sampler and guidance.
+
+    Args: y (N,) labels, shape (C, H, W), generator the noise source.
+    Returns: (N, C, H, W) on the CPU in [−1, 1]; with return_trajectory also (steps + 1, N, C, H, W).
+    """
+    device = diffusion.betas.device
+    results = [draw(diffusion, model, cfg, (len(chunk), *shape), y=chunk.to(device), generator=generator,
+                    clip_x0=True, return_trajectory=return_trajectory)
+               for chunk in y.split(cfg.batch_size)]
+    if return_trajectory:
+        return torch.cat([r[0] for r in results]).cpu(), torch.cat([r[1] for r in results], dim=1)
+    return torch.cat(results).cpu().clamp(-1, 1)
+
+
+def save_image_grid(images, nrow: int, path: Path, row_names=(), title: str = "") -> None:
+    """Saves a PNG grid of images (N, C, H, W) in [−1, 1], nrow per row, each row labelled with a name."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
+    side = images.shape[-1] + 2
+    fig, ax = plt.subplots(figsize=(max(3, grid.shape[2] / 40 + 1), max(2, grid.shape[1] / 40 + 0.5)))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([side * (i + 0.5) for i in range(len(row_names))], list(row_names))
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_class_grid(diffusion, model, cfg, class_names, labels, path: Path, title: str = "") -> None:
+    """One row per requested class, cfg.num_samples images in all, from fixed noise (seeded by cfg.seed) so that
+    grids saved during training compare like for like."""
+    per_class = max(1, cfg.num_samples // len(labels))
+    y = torch.tensor(labels).repeat_interleave(per_class)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator)
+    save_image_grid(images, per_class, path, [class_names[i] for i in labels], title)
+
+
+def model_input_shape(model, cfg) -> tuple:
+    """(C, H, W) of the images to sample: C from the U-Net's first convolution, the side from the config (the one
+    training saw, recorded in the checkpoint)."""
+    return (model.conv_in.in_channels, cfg.image_size, cfg.image_size)
+
+
+def save_reverse_picture(diffusion, model, cfg, class_names, labels, path: Path, frames: int = 10) -> None:
+    """Saves the reverse process for one image per requested class (up to ten rows), `frames` evenly spaced
+    moments from x_T (left) to x_0 (right): noise becomes a blurry guess, then detail."""
+    y = torch.tensor(labels[:10])
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    _, trajectory = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator,
+                                    return_trajectory=True)              # (steps + 1, N, C, H, W)
+    picks = torch.linspace(0, len(trajectory) - 1, frames).round().long()
+    images = trajectory[picks].transpose(0, 1).reshape(-1, *trajectory.shape[2:])  # row i: image i over time
+    save_image_grid(images, frames, path, [class_names[i] for i in y.tolist()], "reverse process: x_T → x_0")
+
+
+def dump_samples(diffusion, model, cfg, class_names, folder: Path) -> None:
+    """Writes cfg.dump_samples single PNGs into folder, named <index>_<class>.png, for FID tools.
+
+    Labels go round the classes in turn, so every class gets the same share (±1) of the images.
+    """
+    from torchvision.utils import save_image
+    folder.mkdir(parents=True, exist_ok=True)
+    y = torch.arange(cfg.dump_samples) % len(class_names)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    shape, done = model_input_shape(model, cfg), 0
+    for chunk in y.split(max(cfg.batch_size, 1)):
+        images = generate_images(diffusion, model, cfg, chunk, shape, generator)
+        for image, label in zip(images, chunk.tolist()):
+            name = re.sub(r"[^\w.-]+", "_", class_names[label])
+            save_image((image + 1) / 2, folder / f"{done:06d}_{name}.png")
+            done += 1
+    print(f"wrote {done:,} samples to {folder}")
+
+
+def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
+    """main() of train_mnist.py and train_cifar.py. load_builtin(cfg) -> Data loads the torchvision data set.
+
+    --bench times training on random data; --sample-only samples a saved run; otherwise train (or resume), then
+    write samples.png (one row per class), reverse.png, loss.png and, with --dump-samples, single PNGs.
+    """
+    device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
+    diffusion = Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond).to(device)
+    if cfg.bench:
+        x = torch.randint(0, 256, (max(4 * cfg.batch_size, 256), cfg.channels, cfg.image_size, cfg.image_size),
+                          dtype=torch.uint8)
+        data = Data(x, torch.randint(0, 10, (len(x),)), tuple(str(i) for i in range(10)), cfg.hflip)
+        model = build_unet(cfg.model, cfg.channels, cfg.image_size, num_classes=10)
+        benchmark(model, diffusion, data, cfg)
+        return
+    if cfg.sample_only:
+        cfg, state = load_for_sampling(cfg)
+        class_names = state["data_info"]["class_names"]
+        model = build_unet(cfg.model, state["data_info"]["shape"][0], cfg.image_size, len(class_names))
+        model.load_state_dict(state["ema"])
+        model.to(device).eval()
+    else:
+        data = load_image_folder(cfg) if cfg.data else load_builtin(cfg)
+        cfg = dataclasses.replace(cfg, image_size=data.x.shape[-1])
+        class_names = data.class_names
+        torch.manual_seed(cfg.seed)
+        model = build_unet(cfg.model, data.x.shape[1], cfg.image_size, len(class_names))
+        if cfg.image_size % model.factor:
+            raise UserError(f"images of side {cfg.image_size} cannot pass the {cfg.model!r} U-Net, which needs a "
+                            f"multiple of {model.factor}; choose another --image-size or --model")
+        print(f"model: U-Net {cfg.model!r}, {sum(p.numel() for p in model.parameters()):,} parameters")
+
+        def snapshot(ema_model, step):
+            save_class_grid(diffusion, ema_model, cfg, class_names, list(range(len(class_names))),
+                            out_dir / "samples" / f"step_{step:06d}.png", f"step {step:,}, guidance {cfg.guidance}")
+
+        model = train(model, diffusion, data, cfg, on_snapshot=snapshot)
+        plot_loss(out_dir)
+    labels = labels_to_draw(cfg.label, class_names)
+    tic = time.perf_counter()
+    save_class_grid(diffusion, model, cfg, class_names, labels, out_dir / "samples.png",
+                    f"{cfg.sampler}, guidance {cfg.guidance}")
+    save_reverse_picture(diffusion, model, cfg, class_names, labels, out_dir / "reverse.png")
+    print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'reverse.png'} ({time.perf_counter() - tic:.0f} s)")
+    if cfg.dump_samples:
+        dump_samples(diffusion, model, cfg, class_names, Path(cfg.dump_dir or out_dir / "dump"))

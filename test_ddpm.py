@@ -1,0 +1,825 @@
+"""Tests for DiffusionLab: the math against exact results, then every user-facing path with tiny settings.
+
+Run with `python -m pytest` (a few minutes on a 2-core CPU). Nothing here needs a GPU, the network or ../shared:
+the tests make the small data sets they need. Each test's docstring says which property it checks; tolerances
+are derived in the tests from the number of samples (k standard errors) or from float32 rounding.
+"""
+import errno
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import ddpm
+import train_cifar
+import train_mnist
+import train_moons
+
+HERE = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_linear_schedule_matches_ddpm_and_closed_form():
+    """T = 1000: β runs from 1e-4 to 0.02 in equal steps [DDPM §4], and ᾱ_T equals exp(Σ log(1 − β)), which is
+    about exp(−Σβ − Σβ²/2) = 4.0e-5 (the next term, Σβ³/3 ≈ 0.003, bounds the difference at 0.3 %)."""
+    d = ddpm.Diffusion(1000, "linear")
+    betas = d.betas.double()
+    assert betas[0].item() == pytest.approx(1e-4, rel=1e-6)
+    assert betas[-1].item() == pytest.approx(0.02, rel=1e-6)
+    steps = betas.diff()
+    assert torch.allclose(steps, torch.full_like(steps, (0.02 - 1e-4) / 999), rtol=1e-4)
+    exact = torch.exp(torch.log1p(-ddpm.make_beta_schedule("linear", 1000)).sum()).item()
+    approx = math.exp(-betas.sum().item() - (betas ** 2).sum().item() / 2)
+    assert d.alphas_cumprod[-1].item() == pytest.approx(exact, rel=1e-4)
+    assert exact == pytest.approx(approx, rel=0.005)
+    assert 3.9e-5 < exact < 4.2e-5
+
+
+def test_linear_schedule_scales_with_T():
+    """For T ≠ 1000 both ends scale by 1000/T, so ᾱ_T stays near zero: x_T is pure noise for any T."""
+    for T in (50, 200, 4000):
+        betas = ddpm.make_beta_schedule("linear", T)
+        assert betas[0].item() == pytest.approx(1e-4 * 1000 / T)
+        assert betas[-1].item() == pytest.approx(min(0.02 * 1000 / T, 0.999))
+        assert torch.prod(1 - betas).item() < 1e-3
+
+
+def test_cosine_schedule_follows_its_definition():
+    """[IDDPM Eq. 17]: ᾱ_t = f(t)/f(0) with f(t) = cos²(((t/T + s)/(1 + s))·π/2) wherever β is not capped;
+    β ≤ 0.999 everywhere, and ᾱ decreases from nearly 1 to nearly 0."""
+    T, s = 1000, 0.008
+    betas = ddpm.make_beta_schedule("cosine", T)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    f = lambda u: torch.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    expected = f(t) / f(torch.zeros(1, dtype=torch.float64))
+    uncapped = betas < 0.999
+    assert torch.allclose(alphas_cumprod[uncapped], expected[uncapped], rtol=1e-9, atol=1e-12)
+    assert betas.max().item() <= 0.999 and (alphas_cumprod.diff() < 0).all()
+    assert alphas_cumprod[0] > 0.9999 and alphas_cumprod[-1] < 1e-6
+
+
+def test_unknown_schedule_lists_the_valid_ones():
+    """A schedule name that does not exist raises a ValueError naming every valid one."""
+    with pytest.raises(ValueError, match="linear, cosine"):
+        ddpm.Diffusion(10, "quadratic")
+
+
+def test_posterior_matches_gaussian_conditioning():
+    """q(x_{t−1} | x_t, x_0) from Eq. 7 equals what conditioning the joint Gaussian of (x_{t−1}, x_t) given x_0
+    gives, derived independently here in float64: mean √ᾱ_{t−1}x_0 + c·(x_t − √ᾱ_t·x_0), c = Cov/Var(x_t)."""
+    d = ddpm.Diffusion(1000, "cosine")
+    betas = ddpm.make_beta_schedule("cosine", 1000)
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    t = torch.tensor([0, 1, 10, 500, 999])
+    x0, x_t = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    cov = (1 - betas[t]).sqrt() * (1 - abar_prev[t])          # Cov(x_{t−1}, x_t | x_0)
+    c = (cov / (1 - abar[t]))[:, None]
+    mean_expected = abar_prev[t].sqrt()[:, None] * x0 + c * (x_t - abar[t].sqrt()[:, None] * x0)
+    var_expected = (1 - abar_prev[t]) - cov ** 2 / (1 - abar[t])
+    mean, var = d.q_posterior(x0.float(), x_t.float(), t)
+    assert torch.allclose(mean.double(), mean_expected, atol=1e-5)
+    assert torch.allclose(var.flatten().double(), var_expected, rtol=1e-4, atol=1e-9)
+    assert var.flatten()[0].item() == 0.0  # t = 1: x_0 is known, no variance left
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward process and loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_q_sample_has_the_eq4_statistics():
+    """x_t = q_sample(x_0, t, ε) with ε ~ N(0, I) has mean √ᾱ_t·x_0 and variance 1 − ᾱ_t [DDPM Eq. 4]; with n draws
+    the sample mean is within 5 standard errors √((1 − ᾱ)/n) and the variance within 5·(1 − ᾱ)·√(2/n)."""
+    d = ddpm.Diffusion(1000)
+    torch.manual_seed(0)
+    n = 200_000
+    for k in (0, 100, 999):
+        x0 = torch.full((n, 1), 0.7)
+        t = torch.full((n,), k)
+        x_t = d.q_sample(x0, t, torch.randn(n, 1)).double()
+        abar = d.alphas_cumprod[k].item()
+        assert abs(x_t.mean().item() - math.sqrt(abar) * 0.7) < 5 * math.sqrt((1 - abar) / n)
+        assert abs(x_t.var().item() - (1 - abar)) < 5 * (1 - abar) * math.sqrt(2 / n)
+
+
+def test_predict_x0_inverts_q_sample_for_points_and_images():
+    """predict_x0(q_sample(x_0, t, ε), t, ε) = x_0: Eq. 15 is Eq. 4 solved for x_0 (float32 rounding is amplified
+    by 1/√ᾱ_t, hence the tolerance)."""
+    d = ddpm.Diffusion(1000)
+    for shape in [(7, 2), (5, 3, 8, 8)]:
+        x0, noise = torch.randn(shape), torch.randn(shape)
+        t = torch.randint(0, 1000, (shape[0],))
+        x0_pred = d.predict_x0(d.q_sample(x0, t, noise), t, noise)
+        tol = 1e-5 / ddpm.broadcast(d.sqrt_alphas_cumprod, t, x0)
+        assert ((x0_pred - x0).abs() <= tol).all()
+
+
+def test_eq11_mean_equals_posterior_mean_of_predicted_x0():
+    """The Eq. 11 mean 1/√α_t·(x_t − β_t/√(1 − ᾱ_t)·ε_θ) equals μ̃_t(x_t, x̂_0) with x̂_0 from Eq. 15, the form the
+    samplers use."""
+    d = ddpm.Diffusion(1000)
+    x_t, eps = torch.randn(64, 2).double(), torch.randn(64, 2).double()
+    t = torch.arange(0, 1000, 1000 // 64)[:64]
+    b = lambda v: ddpm.broadcast(v.double(), t, x_t)  # noqa: E731
+    eq11 = (x_t - b(d.betas) / b(d.sqrt_one_minus_alphas_cumprod) * eps) / b(d.alphas).sqrt()
+    d64 = d.double()
+    mean, _ = d64.q_posterior(d64.predict_x0(x_t, t, eps), x_t, t)
+    assert torch.allclose(mean, eq11, atol=1e-4, rtol=1e-4)
+
+
+class Recorder(nn.Module):
+    """A backbone that predicts ε = 0 and remembers the labels it was given."""
+
+    def forward(self, x_t, t, y=None):
+        self.seen_y = y
+        return torch.zeros_like(x_t)
+
+
+def test_loss_of_zero_predictor_and_label_dropout():
+    """With ε_θ = 0 the loss is E‖ε‖²/dim = 1 (n·dim draws: within 5·√(2/(n·dim))); labels are replaced by the null
+    label with probability p_uncond (within 5 binomial standard errors)."""
+    torch.manual_seed(0)
+    d, model = ddpm.Diffusion(100, p_uncond=0.2), Recorder()
+    n, dim = 50_000, 2
+    loss = d.loss(model, torch.randn(n, dim), torch.randint(0, 3, (n,)))
+    assert abs(loss.item() - 1) < 5 * math.sqrt(2 / (n * dim))
+    dropped = (model.seen_y == ddpm.NULL_LABEL).double().mean().item()
+    assert abs(dropped - 0.2) < 5 * math.sqrt(0.2 * 0.8 / n)
+    d.loss(model, torch.randn(8, 2))
+    assert model.seen_y is None  # unlabelled data stays unlabelled
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers, driven by the exact ε-predictor of a Gaussian mixture
+# ----------------------------------------------------------------------------------------------------------------------
+
+class MixtureOracle(nn.Module):
+    """The exact ε*(x_t, t) = E[ε | x_t] for data from a mixture of isotropic Gaussians N(μ_k, s_k²·I):
+    given component k, x_t ~ N(√ᾱ·μ_k, (ᾱ·s_k² + 1 − ᾱ)·I), E[x_0 | x_t, k] = μ_k + √ᾱ·s_k²/(ᾱ·s_k² + 1 − ᾱ)·(x_t −
+    √ᾱ·μ_k); mixing over the posterior weights of k and solving Eq. 4 for ε gives ε* = (x_t − √ᾱ·E[x_0|x_t])/√(1−ᾱ).
+    A label y picks one component (the conditional oracle); y = None or ∅ mixes them all."""
+
+    def __init__(self, diffusion, means, stds, weights):
+        super().__init__()
+        self.d = diffusion
+        self.means, self.stds, self.weights = (torch.tensor(v, dtype=torch.float64) for v in (means, stds, weights))
+
+    def forward(self, x_t, t, y=None):
+        x = x_t.double()
+        abar = self.d.alphas_cumprod.double()[t][:, None, None]                      # (B, 1, 1)
+        var = abar * self.stds[None, :, None] ** 2 + 1 - abar                       # (B, K, 1)
+        centre = abar.sqrt() * self.means[None]                                     # (B, K, D)
+        log_p = (-((x[:, None] - centre) ** 2).sum(-1, keepdim=True) / (2 * var)
+                 - x.shape[1] / 2 * var.log() + self.weights[None, :, None].log())  # (B, K, 1)
+        if y is not None:  # condition on a component: all other weights → 0
+            mask = (torch.arange(len(self.weights))[None, :] == y[:, None]) | (y[:, None] == ddpm.NULL_LABEL)
+            log_p = log_p.masked_fill(~mask[..., None], -math.inf)
+        resp = torch.softmax(log_p, dim=1)
+        x0_k = self.means[None] + abar.sqrt() * self.stds[None, :, None] ** 2 / var * (x[:, None] - centre)
+        x0 = (resp * x0_k).sum(1)
+        return ((x - abar[:, 0].sqrt() * x0) / (1 - abar[:, 0]).sqrt()).to(x_t.dtype)
+
+
+MEANS, STDS, WEIGHTS = [[-2.0, 0.0], [1.5, 1.0]], [0.3, 0.5], [0.3, 0.7]
+
+
+def check_mixture(samples, slack, n_sigma=5.0):
+    """Samples match the mixture: the weight of each component (assigned by the nearer mean) within n_sigma binomial
+    standard errors, and its mean and per-axis std within n_sigma standard errors plus `slack`, an allowance for the
+    samplers' time discretisation (measured with 20,000 samples: under 0.005 for the ancestral sampler with
+    T = 1000, about 0.015 for 100 DDIM steps)."""
+    x = samples.double()
+    k = ((x[:, None] - torch.tensor(MEANS, dtype=torch.float64)[None]) ** 2).sum(-1).argmin(1)
+    n = len(x)
+    for j, (mu, s, w) in enumerate(zip(MEANS, STDS, WEIGHTS)):
+        part = x[k == j]
+        assert abs(len(part) / n - w) < n_sigma * math.sqrt(w * (1 - w) / n)
+        se_mean, se_std = s / math.sqrt(len(part)), s / math.sqrt(2 * len(part))
+        assert (part.mean(0) - torch.tensor(mu)).abs().max() < n_sigma * se_mean + slack
+        assert (part.std(0) - s).abs().max() < n_sigma * se_std + slack
+
+
+def test_ancestral_sampler_recovers_the_data_distribution():
+    """With the exact ε-predictor and no training, ancestral sampling [Alg. 2] turns N(0, I) into the mixture."""
+    d = ddpm.Diffusion(1000)
+    samples = d.sample(MixtureOracle(d, MEANS, STDS, WEIGHTS), (4000, 2), generator=torch.Generator().manual_seed(1))
+    check_mixture(samples, slack=0.01)
+
+
+def test_ddim_sampler_recovers_the_data_distribution():
+    """The same with deterministic DDIM (η = 0) on 100 of the 1000 timesteps."""
+    d = ddpm.Diffusion(1000)
+    oracle = MixtureOracle(d, MEANS, STDS, WEIGHTS)
+    samples = d.ddim_sample(oracle, (4000, 2), steps=100, generator=torch.Generator().manual_seed(2))
+    check_mixture(samples, slack=0.03)
+
+
+def test_guided_sampling_with_conditional_oracle_draws_the_requested_component():
+    """With the conditional oracle, labels pick a component: every sample lands at its label's mean (guidance w = 1
+    is the exact conditional; w = 3 sharpens but keeps the component)."""
+    d = ddpm.Diffusion(200)
+    oracle = MixtureOracle(d, MEANS, STDS, WEIGHTS)
+    y = torch.arange(400) % 2
+    for w in (1.0, 3.0):
+        x = d.ddim_sample(oracle, (400, 2), steps=50, y=y, guidance=w, generator=torch.Generator().manual_seed(3))
+        nearest = ((x[:, None].double() - torch.tensor(MEANS)[None]) ** 2).sum(-1).argmin(1)
+        assert (nearest == y).all()
+
+
+def test_ddim_with_eta_1_and_all_steps_is_the_ancestral_sampler():
+    """DDIM with η = 1 on all T steps has σ² = β̃ and the same mean as Eq. 11, and draws its noise in the same
+    order: from the same generator seed it returns the ancestral sampler's samples (to float32 rounding)."""
+    d = ddpm.Diffusion(100)
+    oracle = MixtureOracle(d, MEANS, STDS, WEIGHTS)
+    a = d.sample(oracle, (256, 2), generator=torch.Generator().manual_seed(4))
+    b = d.ddim_sample(oracle, (256, 2), steps=100, eta=1.0, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_samplers_are_reproducible_and_return_trajectories():
+    """The same generator seed gives the same samples; trajectories have T + 1 (or steps + 1) frames, starting
+    from x_T and ending at the returned x_0."""
+    d = ddpm.Diffusion(30)
+    oracle = MixtureOracle(d, MEANS, STDS, WEIGHTS)
+    x1 = d.sample(oracle, (5, 2), generator=torch.Generator().manual_seed(5))
+    x2, traj = d.sample(oracle, (5, 2), generator=torch.Generator().manual_seed(5), return_trajectory=True)
+    assert torch.equal(x1, x2) and traj.shape == (31, 5, 2) and torch.equal(traj[-1], x2)
+    x3, traj3 = d.ddim_sample(oracle, (5, 2), steps=7, generator=torch.Generator().manual_seed(5),
+                              return_trajectory=True)
+    assert traj3.shape == (8, 5, 2) and torch.equal(traj3[0], traj[0])  # same x_T from the same seed
+    with pytest.raises(ValueError, match="between 1 and T"):
+        d.ddim_sample(oracle, (5, 2), steps=31)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backbones and guidance
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_timestep_embedding():
+    """Sinusoidal features: at t = 0 the sines are 0 and the cosines 1; distinct timesteps get distinct vectors;
+    odd sizes are padded."""
+    emb = ddpm.timestep_embedding(torch.tensor([0, 1, 999]), 33)
+    assert emb.shape == (3, 33)
+    assert torch.equal(emb[0, :16], torch.zeros(16)) and torch.equal(emb[0, 16:32], torch.ones(16))
+    assert (emb[1] - emb[2]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_backbone_shapes_for_points_and_images(batch):
+    """Both backbones keep the contract for odd batch sizes: the output has x_t's shape, with and without labels;
+    the samplers run on both data ranks."""
+    t, y = torch.randint(0, 10, (batch,)), torch.randint(0, 10, (batch,))
+    mlp = ddpm.MLP(dim=2, hidden=16, depth=1, num_classes=10)
+    assert mlp(torch.randn(batch, 2), t, y).shape == (batch, 2)
+    for channels, side in [(1, 28), (3, 32)]:
+        unet = ddpm.build_unet("tiny", channels, side, num_classes=10)
+        x = torch.randn(batch, channels, side, side)
+        assert unet(x, t, y).shape == x.shape and unet(x, t).shape == x.shape
+    d = ddpm.Diffusion(5)
+    assert d.sample(mlp.eval(), (batch, 2), y=y, guidance=2.0).shape == (batch, 2)
+    out = d.ddim_sample(unet.eval(), (batch, 3, 32, 32), steps=3, y=y, guidance=0.5, clip_x0=True)
+    assert out.shape == (batch, 3, 32, 32) and out.isfinite().all()
+
+
+def test_unet_rejects_sizes_its_downsampling_cannot_take():
+    """A 30×30 image cannot be halved three times: a clear ValueError, and an unconditional net refuses labels."""
+    unet = ddpm.build_unet("base", 3, 32, num_classes=0)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        unet(torch.randn(1, 3, 30, 30), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="without classes"):
+        unet(torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+def test_unet_preset_parameter_counts():
+    """base is DDPM's CIFAR-10 network, 35.7M parameters [DDPM §4] within 3 % (without the class embedding); small
+    is about 3M and large about 53M (within 5 %); the MNIST preset stays under 3M."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ddpm.build_unet("base", 3, 32, 0)) == pytest.approx(35.7e6, rel=0.03)
+    assert count(ddpm.build_unet("small", 3, 32, 0)) == pytest.approx(3e6, rel=0.05)
+    assert count(ddpm.build_unet("large", 3, 32, 0)) == pytest.approx(53e6, rel=0.05)
+    assert count(ddpm.build_unet("mnist", 1, 28, 10)) < 3e6
+    with_classes = count(ddpm.build_unet("base", 3, 32, 10)) - count(ddpm.build_unet("base", 3, 32, 0))
+    assert with_classes == 11 * 512  # ten classes and ∅, each a vector of the embedding width 4·128
+
+
+@pytest.mark.parametrize("make", [lambda: ddpm.MLP(2, 32, 2, num_classes=4),
+                                  lambda: ddpm.build_unet("tiny", 3, 8, num_classes=4)])
+def test_guidance_interpolates_between_unconditional_and_conditional(make):
+    """ε̃ = ε_∅ + w·(ε_y − ε_∅): w = 1 is the conditional prediction, w = 0 the unconditional one, w = 3 the
+    extrapolation 3·ε_y − 2·ε_∅ (one doubled batch against separate passes: float32 rounding only)."""
+    torch.manual_seed(0)
+    model, d = make().eval(), ddpm.Diffusion(10)
+    for p in model.parameters():  # the zero-initialised output layers would make every prediction 0
+        nn.init.normal_(p, std=0.2)
+    shape = (5, 2) if isinstance(model, ddpm.MLP) else (5, 3, 8, 8)
+    x, t, y = torch.randn(shape), torch.randint(0, 10, (5,)), torch.tensor([0, 1, 2, 3, 0])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, None)
+        assert not torch.allclose(cond, uncond)
+        assert torch.allclose(d.guided_noise_pred(model, x, t, y, 1.0), cond, atol=1e-5)
+        assert torch.allclose(d.guided_noise_pred(model, x, t, y, 0.0), uncond, atol=1e-5)
+        assert torch.allclose(d.guided_noise_pred(model, x, t, y, 3.0), 3 * cond - 2 * uncond, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training, checkpoints and resume (in-process, a tiny MLP on tiny data)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def tiny_run(out_dir, model=None, **overrides):
+    """Trains a 2-D MLP for a few steps in out_dir; returns (ema model, config). Quiet, CPU, seconds."""
+    cfg = ddpm.TrainConfig(**{**dict(out_dir=str(out_dir), steps=40, batch_size=16, lr=1e-3, warmup=5, log_every=5,
+                                     ckpt_every=10, sample_every=0, num_timesteps=50, ema_decay=0.9, device="cpu"),
+                              **overrides})
+    data = ddpm.Data(torch.randn(50, 2, generator=torch.Generator().manual_seed(0)))
+    torch.manual_seed(cfg.seed)
+    model = model or ddpm.MLP(dim=2, hidden=32, depth=1)
+    return ddpm.train(model, ddpm.Diffusion(cfg.num_timesteps), data, cfg), cfg
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = ddpm.load_checkpoint(path_a), ddpm.load_checkpoint(path_b)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), f"{part}.{name} differs"
+
+
+def metric_rows(out_dir):
+    """(step, loss) of every metrics.csv row (the columns that do not depend on wall-clock time)."""
+    lines = (Path(out_dir) / "metrics.csv").read_text().splitlines()
+    assert lines[0] == ",".join(ddpm.MetricsLog.COLUMNS)
+    return [tuple(line.split(",")[:2]) for line in lines[1:]]
+
+
+def test_resume_is_bit_exact_on_cpu(tmp_path):
+    """40 steps in one go equal 20 steps, a stop, and --resume to 40 (batch order, noise, dropout of labels, Adam
+    state, LR schedule and EMA all restored): model and EMA tensors torch.equal, the same metrics rows once each."""
+    tiny_run(tmp_path / "a", steps=40)
+    tiny_run(tmp_path / "b", steps=20)
+    tiny_run(tmp_path / "b", steps=40, resume=True)
+    assert_same_weights(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt")
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
+    assert [int(s) for s, _ in metric_rows(tmp_path / "b")] == list(range(5, 41, 5))
+    assert ddpm.load_checkpoint(tmp_path / "b" / "ckpt.pt")["step"] == 40
+
+
+def test_keeps_the_last_k_checkpoints(tmp_path):
+    """keep_ckpts = 3 keeps ckpt.pt (newest), ckpt.1.pt and ckpt.2.pt, each a step older; nothing else."""
+    tiny_run(tmp_path, steps=50, keep_ckpts=3)
+    found = ddpm.find_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["ckpt.pt", "ckpt.1.pt", "ckpt.2.pt"]
+    assert [ddpm.load_checkpoint(p)["step"] for p in found] == [50, 40, 30]
+    assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "train.lock").exists()
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path):
+    """Starting without --resume where a checkpoint exists refuses and changes no file; --overwrite starts over;
+    --resume where there is no checkpoint refuses and creates nothing."""
+    tiny_run(tmp_path / "run", steps=10)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(ddpm.UserError, match="--resume to continue .* --overwrite"):
+        tiny_run(tmp_path / "run", steps=10)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    tiny_run(tmp_path / "run", steps=10, overwrite=True, lr=5e-4)
+    assert ddpm.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["lr"] == 5e-4
+    with pytest.raises(ddpm.UserError, match="no checkpoint"):
+        tiny_run(tmp_path / "none", resume=True)
+    assert not (tmp_path / "none").exists()
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    """A checkpoint made with other model/optimiser settings is refused with the differing fields listed; fields
+    that may change on resume (steps, log interval) are accepted."""
+    tiny_run(tmp_path, steps=10)
+    with pytest.raises(ddpm.UserError, match=r"--batch-size \(checkpoint 16, now 8\); --lr \(checkpoint 0.001, now 0.002\)"):
+        tiny_run(tmp_path, steps=20, resume=True, lr=2e-3, batch_size=8)
+    tiny_run(tmp_path, steps=20, resume=True, log_every=2)
+    assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 20
+
+
+def corrupt_middle(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data: torch.load itself would not notice
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "foreign", "malicious"])
+def test_bad_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, capsys):
+    """A truncated, corrupted (checksum), foreign or code-carrying newest checkpoint is refused with a message that
+    says which and why; --resume warns and continues from ckpt.1.pt; a malicious file's code never runs. With no
+    older checkpoint the same problem is a one-line error."""
+    tiny_run(tmp_path / "run", steps=20)
+    newest = tmp_path / "run" / "ckpt.pt"
+    marker = tmp_path / "pwned"
+    if damage == "truncate":
+        newest.write_bytes(newest.read_bytes()[:1000])
+    elif damage == "flip a byte":
+        corrupt_middle(newest)
+    elif damage == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, newest)
+    else:
+        class Payload:
+            def __reduce__(self):
+                return (Path.touch, (marker,))
+        torch.save({"format": ddpm.CKPT_FORMAT, "x": Payload()}, newest)
+    expected = {"truncate": "unreadable", "flip a byte": "checksum", "foreign": "not a DiffusionLab checkpoint",
+                "malicious": "refusing to load"}[damage]
+    with pytest.raises(ddpm.CheckpointError, match=expected):
+        ddpm.load_checkpoint(newest)
+    tiny_run(tmp_path / "run", steps=30, resume=True)
+    err = capsys.readouterr().err
+    assert expected in err and "falling back to the older" in err and "ckpt.1.pt" in err
+    assert ddpm.load_checkpoint(newest)["step"] == 30
+    assert not marker.exists()
+    for extra in ddpm.find_checkpoints(tmp_path / "run")[1:]:  # now only the damaged kind of file is left
+        extra.unlink()
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.raises(ddpm.CheckpointError, match="unreadable"):
+        tiny_run(tmp_path / "run", steps=40, resume=True)
+
+
+class NaNOnCalls(nn.Module):
+    """An MLP whose prediction is NaN on the given forward calls (1-based)."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.net, self.calls, self.bad_calls = ddpm.MLP(2, 32, 1), 0, set(bad_calls)
+
+    def forward(self, x_t, t, y=None):
+        self.calls += 1
+        out = self.net(x_t, t, y)
+        return out * float("nan") if self.calls in self.bad_calls else out
+
+
+def test_nan_loss_is_skipped_and_too_many_stop_training(tmp_path, capsys):
+    """A NaN loss skips its update (weights stay finite) and is counted in metrics.csv; max_bad_steps NaN steps in
+    a row stop training with a clear error, keeping the last good checkpoint."""
+    ema, _ = tiny_run(tmp_path / "one", model=NaNOnCalls({7}), steps=20)
+    assert all(p.isfinite().all() for p in ema.parameters())
+    assert (tmp_path / "one" / "metrics.csv").read_text().splitlines()[-1].endswith(",1")
+    assert "loss is nan; update skipped" in capsys.readouterr().err
+    with pytest.raises(ddpm.UserError, match="NaN or Inf for 3 steps in a row"):
+        tiny_run(tmp_path / "many", model=NaNOnCalls({12, 13, 14}), steps=20, max_bad_steps=3)
+    state = ddpm.load_checkpoint(tmp_path / "many" / "ckpt.pt")
+    assert state["step"] == 10 and all(v.isfinite().all() for v in state["model"].values())
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """If the disk fills up while a checkpoint is written, training stops with a clear error, the previous
+    checkpoint is untouched and no partial file is left behind."""
+    tiny_run(tmp_path, steps=10)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def save_then_disk_full(obj, f):
+        real_save(obj, f)
+        f.truncate(100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save_then_disk_full)
+    with pytest.raises(ddpm.UserError, match="No space left on device.*intact"):
+        tiny_run(tmp_path, steps=20, resume=True)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "metrics.csv"]  # no partial file
+
+
+def test_unwritable_out_dir_is_a_clear_error(tmp_path):
+    """An --out-dir that cannot be created (here: below a regular file) is a one-line error."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ddpm.UserError, match="cannot create --out-dir"):
+        tiny_run(tmp_path / "file" / "run")
+
+
+def test_out_dir_that_refuses_writes_is_a_clear_error(tmp_path, monkeypatch):
+    """An existing --out-dir where files cannot be created (read-only or no permission; simulated, since root
+    ignores permissions) is a one-line error before any training."""
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(ddpm.UserError, match="cannot write into --out-dir .*Permission denied"):
+        tiny_run(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_and_bf16_switches_train_and_save_plain_weights(tmp_path, monkeypatch):
+    """--compile trains through torch.compile (here with its eager backend, to keep the test fast) and the
+    checkpoint holds the plain module's weight names (no "_orig_mod." prefix); --amp bf16 trains under autocast."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
+    tiny_run(tmp_path / "compiled", steps=10, compile=True)
+    names = ddpm.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")["model"].keys()
+    assert names == ddpm.MLP(2, 32, 1).state_dict().keys()
+    ema, _ = tiny_run(tmp_path / "bf16", steps=10, amp="bf16")
+    assert all(p.dtype == torch.float32 and p.isfinite().all() for p in ema.parameters())
+
+
+def test_lock_keeps_a_second_run_out_and_notices_stale_locks(tmp_path, capsys):
+    """A lock held by a live process makes a second run refuse; a lock left by a dead process is taken over."""
+    tmp_path.mkdir(exist_ok=True)
+    lock = tmp_path / "train.lock"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{alive.pid} {ddpm.socket.gethostname()}\n")
+        with pytest.raises(ddpm.UserError, match=f"in use by another training run \\(pid {alive.pid}"):
+            tiny_run(tmp_path, steps=5)
+        assert not (tmp_path / "ckpt.pt").exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    lock.write_text(f"{alive.pid} {ddpm.socket.gethostname()}\n")  # that process is gone now
+    tiny_run(tmp_path, steps=5)
+    assert "stale lock" in capsys.readouterr().err and not lock.exists()
+
+
+def test_config_checks_and_command_line(capsys):
+    """Impossible settings are UserErrors naming the flag; the command line has every field with its default and
+    help text, booleans as --flag/--no-flag, and a bad flag is one line with exit status 2."""
+    for bad, match in [(dict(steps=0), "--steps must be at least 1"), (dict(batch_size=0), "--batch-size"),
+                       (dict(schedule="quad"), "--schedule must be one of linear, cosine"),
+                       (dict(p_uncond=1.5), "--p-uncond"), (dict(resume=True, overwrite=True), "contradict")]:
+        with pytest.raises(ddpm.UserError, match=match):
+            ddpm.TrainConfig(**bad).check()
+    if not torch.cuda.is_available():
+        with pytest.raises(ddpm.UserError, match="--device cuda: not available on this machine"):
+            ddpm.choose_device("cuda")
+    with pytest.raises(ddpm.UserError, match="is not a device"):
+        ddpm.choose_device("gpu0")
+    cfg = ddpm.parse_config(train_moons.MoonsConfig, ["--steps", "7", "--no-class-cond", "--lr", "3e-4"])
+    assert (cfg.steps, cfg.class_cond, cfg.lr, cfg.out_dir) == (7, False, 3e-4, "runs/moons")
+    assert ddpm.cli(train_moons.MoonsConfig, None, ["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in [f.name for f in ddpm.fields(train_moons.MoonsConfig)]:
+        assert ddpm.flag(name) in help_text
+    assert "--class-cond, --no-class-cond" in help_text and "(default: 4000)" in help_text
+    assert "std of the Gaussian noise" in help_text or "standard deviation of the Gaussian noise" in help_text
+    assert ddpm.cli(train_moons.MoonsConfig, None, ["--steps", "many"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid int value: 'many'" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real processes: SIGKILL, SIGINT, SIGTERM, and the scripts' exit statuses
+# ----------------------------------------------------------------------------------------------------------------------
+
+def moons_args(out_dir, steps, *extra):
+    """A tiny moons run: ~1 ms per step, a checkpoint every 20 steps, a log line every 10."""
+    return [sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(out_dir), "--steps", str(steps),
+            "--batch-size", "32", "--num-points", "256", "--num-timesteps", "40", "--hidden", "32", "--depth", "1",
+            "--ckpt-every", "20", "--log-every", "10", "--sample-every", "0", "--num-samples", "200",
+            "--device", "cpu", *extra]
+
+
+def start_and_wait_for_training(args, until_step=1):
+    """Starts a script and returns it once it has logged a training step ≥ until_step."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0].replace(",", "")) >= until_step:
+            return proc
+    raise AssertionError(f"the run ended before step {until_step}; exit status {proc.wait()}")
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL a training process at 5 random moments (each after a random step, plus a random 0-20 ms, so some
+    land inside checkpoint writes), resuming the run each time, then let it finish: the final model and EMA
+    tensors equal an uninterrupted run's bit for bit, and metrics.csv holds every logged step exactly once, with
+    the same losses."""
+    steps = 2000
+    reference = subprocess.run(moons_args(tmp_path / "ref", steps), capture_output=True, text=True, cwd=HERE)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    out, rng = tmp_path / "killed", random.Random(0)
+    for target in sorted(rng.sample(range(10, steps - 200, 10), 5)):
+        resume = ["--resume"] if ddpm.find_checkpoints(out) else []
+        proc = start_and_wait_for_training(moons_args(out, steps, *resume), until_step=target)
+        time.sleep(rng.uniform(0.0, 0.02))
+        proc.kill()
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    final = subprocess.run(moons_args(out, steps, "--resume"), capture_output=True, text=True, cwd=HERE)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert_same_weights(tmp_path / "ref" / "ckpt.pt", out / "ckpt.pt")
+    assert metric_rows(out) == metric_rows(tmp_path / "ref")
+    assert [int(s) for s, _ in metric_rows(out)] == list(range(10, steps + 1, 10))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path, sig):
+    """Ctrl-C or SIGTERM finishes the step, writes a checkpoint at the step reached, prints the resume command and
+    exits with 128 + the signal number (130, 143); resuming from there finishes the run."""
+    proc = start_and_wait_for_training(moons_args(tmp_path, 10**6))
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, output
+    step = ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"]
+    assert f"at step {step:,}/" in output and f"checkpoint saved to {tmp_path / 'ckpt.pt'}" in output
+    assert "resume with: python" in output and output.rstrip().endswith("--resume")
+    assert 0 < step < 10**6 and int(metric_rows(tmp_path)[-1][0]) <= step
+    done = subprocess.run(moons_args(tmp_path, step + 30, "--resume"), capture_output=True, text=True, cwd=HERE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == step + 30
+
+
+def test_second_ctrl_c_aborts_at_once_leaving_checkpoints_intact(tmp_path):
+    """Two Ctrl-C in a row abort without waiting (exit status 130, "aborted"); whatever checkpoints exist load."""
+    proc = start_and_wait_for_training(moons_args(tmp_path, 10**6))
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in output
+    assert "aborted" in output or "checkpoint saved" in output  # the 2nd signal may land after the save
+    state, _ = ddpm.load_latest_checkpoint(tmp_path)
+    assert state["step"] > 0
+    assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "train.lock").exists()
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+    (["--batch-size", "x"], 2, "invalid int value: 'x'"),
+    (["--steps", "0"], 1, "--steps must be at least 1, got 0"),
+    (["--schedule", "quadratic"], 2, "invalid choice: 'quadratic'"),
+    (["--resume"], 1, "no checkpoint in"),
+])
+def test_bad_command_lines_exit_with_one_line_and_change_nothing(tmp_path, args, status, message):
+    """Bad input in a real process: the documented exit status, one line on stderr naming the problem, no
+    traceback, and no folder or file created."""
+    run = subprocess.run([sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(tmp_path / "run"), *args],
+                         capture_output=True, text=True, cwd=HERE)
+    assert run.returncode == status and message in run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupted_checkpoint_with_resume_is_a_one_line_error_and_changes_nothing(tmp_path, capsys):
+    """--resume on a run whose only checkpoint is corrupted: exit status 1, one line, the file untouched."""
+    tiny_run(tmp_path, steps=10)
+    corrupt_middle(tmp_path / "ckpt.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    status = ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1 and "is corrupted" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The scripts end to end, tiny settings
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
+    """A short moons run writes ckpt.pt, samples.npy ((N, 2) float32, in data coordinates), samples.png, loss.png,
+    reverse.gif and snapshots, and its samples are close to fresh moons: energy distance below 0.01. For scale, with
+    N = 2000: two real sets are about 0.001 apart, and a Gaussian with the moons' own mean and spread (what a model
+    gets without learning the shape; measured here too) about 0.03."""
+    out = tmp_path / "moons"
+    args = ["--out-dir", str(out), "--steps", "1500", "--num-samples", "2000", "--num-timesteps", "100",
+            "--sample-every", "750"]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (2000, 2) and samples.dtype == np.float32
+    for name in ("ckpt.pt", "samples.png", "loss.png", "reverse.gif", "snapshots/step_000750.png", "metrics.csv"):
+        assert (out / name).stat().st_size > 0
+    from PIL import Image
+    assert Image.open(out / "reverse.gif").n_frames == 40
+    printed = capsys.readouterr().out
+    distance = float(printed.split("energy distance to fresh moons: ")[1].split()[0])
+    assert distance < 0.01
+    real, _ = train_moons.make_moons(2000, 0.05, torch.Generator().manual_seed(9))
+    gaussian = real.mean(0) + real.std(0) * torch.randn(2000, 2, generator=torch.Generator().manual_seed(10))
+    assert train_moons.energy_distance(gaussian, real) > 0.02
+
+    # --sample-only: new samples from the checkpoint (another sampler), no training, checkpoint untouched.
+    before = (out / "ckpt.pt").read_bytes()
+    args = ["--out-dir", str(out), "--sample-only", "--sampler", "ddim", "--sample-steps", "20", "--num-samples", "300"]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
+    assert np.load(out / "samples.npy").shape == (300, 2) and (out / "ckpt.pt").read_bytes() == before
+    assert "step " not in capsys.readouterr().out
+
+
+def test_class_conditional_moons_put_each_label_on_its_moon(tmp_path):
+    """With --class-cond, guided samples of label 0 lie on the upper moon and of label 1 on the lower one: the
+    fraction nearer its own arc than the other is above 0.9 for each label (an unconditional model: about 0.5)."""
+    out = tmp_path / "cond"
+    args = ["--out-dir", str(out), "--steps", "1500", "--num-samples", "1000", "--num-timesteps", "100",
+            "--sample-every", "0", "--class-cond", "--guidance", "2"]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
+    samples = torch.from_numpy(np.load(out / "samples.npy")).double()
+    labels = torch.arange(1000) % 2  # the script draws label 0, 1, 0, 1, ...
+    to_upper = ((samples - torch.tensor([0.0, 0.0])).norm(dim=1) - 1).abs()   # distance to the upper circle
+    to_lower = ((samples - torch.tensor([1.0, 0.5])).norm(dim=1) - 1).abs()   # distance to the lower circle
+    assert (to_upper[labels == 0] < to_lower[labels == 0]).double().mean() > 0.9
+    assert (to_lower[labels == 1] < to_upper[labels == 1]).double().mean() > 0.9
+
+
+def make_image_folder(root, classes=("circle", "square", "stripe"), per_class=5, size=16):
+    """A small ImageFolder of synthetic RGB PNGs, one sub-folder per class."""
+    from PIL import Image
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.full((size, size, 3), 30 * k, dtype=np.uint8)
+            pixels[i:i + 4, :, k] = 255
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("script", [train_mnist, train_cifar])
+def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script):
+    """Each image script on an ImageFolder: trains (class grids every N steps, final grid, reverse picture, loss
+    plot), resumes, samples one class with --sample-only, and dumps class-balanced single PNGs."""
+    config = script.MnistConfig if script is train_mnist else script.CifarConfig
+    folder, out, dump = make_image_folder(tmp_path / "images"), tmp_path / "run", tmp_path / "dump"
+    common = ["--data", str(folder), "--out-dir", str(out), "--model", "tiny", "--image-size", "16",
+              "--batch-size", "4", "--num-timesteps", "20", "--sampler", "ddim", "--sample-steps", "4",
+              "--num-samples", "6", "--log-every", "2", "--ckpt-every", "3", "--sample-every", "3", "--device", "cpu"]
+    assert ddpm.cli(config, script.main, common + ["--steps", "6"]) == 0
+    for name in ("ckpt.pt", "metrics.csv", "loss.png", "samples.png", "reverse.png",
+                 "samples/step_000003.png", "samples/step_000006.png"):
+        assert (out / name).stat().st_size > 0, name
+    state = ddpm.load_checkpoint(out / "ckpt.pt")
+    channels = 1 if script is train_mnist else 3
+    assert state["data_info"]["shape"] == [channels, 16, 16]
+    assert state["data_info"]["class_names"] == ["circle", "square", "stripe"]
+
+    assert ddpm.cli(config, script.main, common + ["--steps", "8", "--resume"]) == 0
+    assert ddpm.load_checkpoint(out / "ckpt.pt")["step"] == 8
+
+    before = (out / "ckpt.pt").read_bytes()
+    args = common + ["--sample-only", "--label", "square", "--guidance", "3", "--dump-samples", "7",
+                     "--dump-dir", str(dump)]
+    assert ddpm.cli(config, script.main, args) == 0
+    assert (out / "ckpt.pt").read_bytes() == before
+    names = sorted(p.name for p in dump.iterdir())
+    assert len(names) == 7 and sum(n.endswith("_circle.png") for n in names) == 3
+    assert sum(n.endswith("_square.png") for n in names) == 2 and sum(n.endswith("_stripe.png") for n in names) == 2
+    from PIL import Image
+    image = Image.open(dump / names[0])
+    assert image.size == (16, 16)
+
+
+@pytest.mark.parametrize("script", [train_mnist, train_cifar])
+def test_offline_download_is_a_one_line_error(tmp_path, script, monkeypatch, capsys):
+    """Without network the built-in data set cannot download: one line saying which files to put where, status 1,
+    no run folder created."""
+    import socket
+
+    def offline(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
+    config = script.MnistConfig if script is train_mnist else script.CifarConfig
+    args = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+    assert ddpm.cli(config, script.main, args) == 1
+    err = capsys.readouterr().err
+    expected = "MNIST/raw/" if script is train_mnist else "cifar-10-python.tar.gz"
+    assert err.count("\n") == 1 and "could not download" in err and expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_folder_errors(tmp_path, capsys):
+    """--data pointing at a missing folder, or a folder without images: one line each, status 1."""
+    (tmp_path / "empty").mkdir()
+    for folder, message in [(tmp_path / "missing", "no such folder"), (tmp_path / "empty", "no images found")]:
+        args = ["--data", str(folder), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+        assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, args) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_prints_its_figures_and_counts_training_flops(tmp_path, capsys):
+    """--bench prints img/s, FLOPs per image, TFLOP/s and peak memory, and writes nothing. The FLOPs it counts for a
+    training step are those of the forward pass times 2.5 to 3 (the backward pass costs about twice the forward;
+    the input layer needs no input gradient)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    args = ["--bench", "--model", "tiny", "--batch-size", "4", "--image-size", "16", "--out-dir", str(tmp_path / "b"),
+            "--device", "cpu"]
+    assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, args) == 0
+    printed = capsys.readouterr().out
+    for figure in ("img/s", "GFLOP/img (fwd+bwd)", "TFLOP/s", "peak process memory"):
+        assert figure in printed
+    assert not (tmp_path / "b").exists()
+    unet, d = ddpm.build_unet("tiny", 3, 16, 10), ddpm.Diffusion(1000)
+    cfg = train_cifar.CifarConfig(batch_size=4, device="cpu")
+    data = ddpm.Data(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    figures = ddpm.benchmark(unet, d, data, cfg, steps=2, warmup=1)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert 2.5 <= figures["flops_per_image"] / counter.get_total_flops() <= 3.0
