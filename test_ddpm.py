@@ -568,7 +568,7 @@ def test_config_checks_and_command_line(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for name in [f.name for f in ddpm.fields(train_moons.MoonsConfig)]:
         assert ddpm.flag(name) in help_text
-    assert "--class-cond, --no-class-cond" in help_text and "(default: 4000)" in help_text
+    assert "--class-cond, --no-class-cond" in help_text and "(default: 2000)" in help_text
     assert "std of the Gaussian noise" in help_text or "standard deviation of the Gaussian noise" in help_text
     assert ddpm.cli(train_moons.MoonsConfig, None, ["--steps", "many"]) == 2
     err = capsys.readouterr().err
@@ -804,6 +804,21 @@ def test_image_folder_errors(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_image_script_checks_label_and_out_dir_before_loading_or_training(tmp_path, capsys, monkeypatch):
+    """A --label that is not a class, --resume without a checkpoint, and an image size the U-Net cannot take are
+    refused before any training (and, for --resume, before the data set is even loaded)."""
+    folder = make_image_folder(tmp_path / "images")
+    monkeypatch.setattr(ddpm, "train", lambda *a, **k: pytest.fail("training started"))
+    common = ["--data", str(folder), "--out-dir", str(tmp_path / "run"), "--model", "tiny", "--device", "cpu"]
+    for extra, message in [(["--label", "triangle", "--image-size", "16"], "--label 'triangle' is not a class"),
+                           (["--image-size", "15"], "cannot pass the 'tiny' U-Net"),
+                           (["--resume", "--data", str(tmp_path / "not-loaded")], "--resume: no checkpoint")]:
+        assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, common + extra) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bench_prints_its_figures_and_counts_training_flops(tmp_path, capsys):
     """--bench prints img/s, FLOPs per image, TFLOP/s and peak memory, and writes nothing. The FLOPs it counts for a
     training step are those of the forward pass times 2.5 to 3 (the backward pass costs about twice the forward;
@@ -823,3 +838,14 @@ def test_bench_prints_its_figures_and_counts_training_flops(tmp_path, capsys):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     assert 2.5 <= figures["flops_per_image"] / counter.get_total_flops() <= 3.0
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The Python example in README.md runs as printed (in a scratch folder) and gives samples of the right shape."""
+    text = (HERE / "README.md").read_text()
+    code = text.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["samples"].shape == scope["fast"].shape == (1000, 2) and scope["samples"].isfinite().all()
+    assert ddpm.load_checkpoint(tmp_path / "runs" / "mine" / "ckpt.pt")["step"] == 500

@@ -39,14 +39,8 @@ class CifarConfig(ddpm.ImageConfig):
 def load_cifar(cfg: CifarConfig) -> ddpm.Data:
     """CIFAR-10's 50,000 training images as uint8 (N, 3, 32, 32), downloaded into cfg.data_dir if not there."""
     from torchvision import datasets
-    try:
-        cifar = datasets.CIFAR10(cfg.data_dir, train=True, download=True)
-    except (OSError, RuntimeError) as e:  # offline: URLError (an OSError) or torchvision's RuntimeError
-        raise ddpm.UserError(
-            f"could not download CIFAR-10 into {cfg.data_dir} ({ddpm.one_line(e)}); without network, put "
-            f"cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/) into {cfg.data_dir}/ and rerun, "
-            f"or train on an ImageFolder copy with --data FOLDER") from None
-    print(f"data: {len(cifar):,} CIFAR-10 images from {cfg.data_dir}")
+    cifar = ddpm.download_dataset(datasets.CIFAR10, cfg, f"cifar-10-python.tar.gz (from "
+                                                         f"https://www.cs.toronto.edu/~kriz/) into {cfg.data_dir}/")
     images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) → (N, 3, 32, 32)
     return ddpm.Data(images, torch.tensor(cifar.targets), tuple(cifar.classes), hflip=cfg.hflip)
 

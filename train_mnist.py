@@ -42,14 +42,8 @@ class MnistConfig(ddpm.ImageConfig):
 def load_mnist(cfg: MnistConfig) -> ddpm.Data:
     """MNIST's 60,000 training digits as uint8 (N, 1, 28, 28), downloaded into cfg.data_dir if not there."""
     from torchvision import datasets
-    try:
-        mnist = datasets.MNIST(cfg.data_dir, train=True, download=True)
-    except (OSError, RuntimeError) as e:  # offline: URLError (an OSError) or torchvision's RuntimeError
-        raise ddpm.UserError(
-            f"could not download MNIST into {cfg.data_dir} ({ddpm.one_line(e)}); without network, put the files "
-            f"train-images-idx3-ubyte and train-labels-idx1-ubyte into {cfg.data_dir}/MNIST/raw/ and rerun, "
-            f"or train on your own images with --data FOLDER") from None
-    print(f"data: {len(mnist):,} MNIST digits from {cfg.data_dir}")
+    mnist = ddpm.download_dataset(datasets.MNIST, cfg, f"the files train-images-idx3-ubyte and "
+                                                       f"train-labels-idx1-ubyte into {cfg.data_dir}/MNIST/raw/")
     return ddpm.Data(mnist.data[:, None], mnist.targets, tuple(str(i) for i in range(10)), hflip=cfg.hflip)
 
 
