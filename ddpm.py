@@ -50,6 +50,7 @@ Left out on purpose: learned variances and the hybrid loss [IDDPM], the discrete
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -301,11 +302,11 @@ class Diffusion(nn.Module):
                     generator: torch.Generator | None = None, clip_x0: bool = False, return_trajectory: bool = False):
         """Draws x_0 ~ p_θ(x_0 | y) with DDIM [DDIM Eq. 12] on `steps` evenly spaced timesteps.
 
-        The idea [DDIM §4]: the training loss depends only on the marginals q(x_t | x_0) of Eq. 4, and many processes
+        The idea [DDIM §3]: the training loss depends only on the marginals q(x_t | x_0) of Eq. 4, and many processes
         share those marginals, some of them not Markovian. Their reverse steps can jump straight from one timestep to
-        a much earlier one, so the same trained network samples in 50 or 100 calls instead of T. Each jump predicts
-        x̂_0, then re-noises it to the earlier level along the direction of the predicted ε, plus fresh noise of
-        scale η. eta = 0 is deterministic given x_T; eta = 1 with steps = T is exactly the ancestral sampler above.
+        a much earlier one [DDIM §4.2], so the same trained network samples in 50 or 100 calls instead of T. Each
+        jump predicts x̂_0, then re-noises it to the earlier level along the direction of the predicted ε, plus fresh
+        noise of scale η. eta = 0 is deterministic given x_T; eta = 1 with steps = T is the ancestral sampler above.
         Args: as sample(), plus steps (1 ≤ steps ≤ T) and eta ≥ 0.
         Returns: x_0 (B, …); with return_trajectory also a (steps + 1, B, …) CPU tensor.
         """
@@ -671,7 +672,7 @@ class TrainConfig:
     steps: int = 10_000             # optimizer steps to train for (not epochs)
     batch_size: int = 128           # examples per step [DDPM CIFAR-10: 128]
     lr: float = 2e-4                # AdamW learning rate after the warm-up [DDPM CIFAR-10: 2e-4]
-    warmup: int = 1000              # steps of linear learning-rate warm-up from 0 [DDPM: 5000]
+    warmup: int = 1000              # steps over which the learning rate rises linearly to --lr [DDPM code: 5000]
     weight_decay: float = 0.0       # AdamW weight decay (0 is plain Adam, as in DDPM)
     grad_clip: float = 1.0          # clip the gradient norm to this (0: no clipping) [DDPM: 1]
     ema_decay: float = 0.9999       # decay of the moving average of the weights that samples come from [DDPM: 0.9999]
@@ -714,7 +715,8 @@ class TrainConfig:
             raise UserError(f"--p-uncond is a probability between 0 and 1, got {self.p_uncond}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.sampler == "ddim" and self.sample_steps > self.num_timesteps:
+        # With --sample-only, T is the checkpoint's: load_for_sampling checks this once it is known.
+        if self.sampler == "ddim" and self.sample_steps > self.num_timesteps and not self.sample_only:
             raise UserError(f"--sample-steps {self.sample_steps} exceeds --num-timesteps {self.num_timesteps}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
@@ -846,7 +848,7 @@ class BatchOrder:
 class EMA:
     """An exponential moving average of a model's weights, θ_ema ← d·θ_ema + (1 − d)·θ, updated after every step.
 
-    Samples come from the average: it changes slowly and gives cleaner samples than the raw weights [DDPM §4].
+    Samples come from the average: it changes slowly and gives cleaner samples than the raw weights [DDPM App. B].
     Deviation 4: d = min(decay, (1 + n)/(10 + n)) after n updates, so that early on the average follows the model.
     """
 
@@ -900,6 +902,19 @@ def atomic_write(path: Path, write: Callable, before_replace: Callable | None = 
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def disk_errors(what, *also):
+    """Turns a failed write of `what` (a full disk, a folder without permission) into a one-line UserError.
+
+    The checkpoint and metrics writers run inside it, so a full disk never ends in a traceback there.
+    """
+    try:
+        yield
+    except (OSError, *also) as e:
+        raise UserError(f"could not write {what} ({one_line(e)}); free some disk space or choose another "
+                        f"--out-dir. The checkpoints already there are intact") from None
+
+
 def state_checksum(state) -> str:
     """SHA-256 of every tensor's bytes and every other value in a nested dict. torch.load does not notice flipped
     bits inside tensor data; comparing this does."""
@@ -938,42 +953,49 @@ def to_cpu(obj):
     return obj
 
 
-def find_checkpoints(out_dir) -> list[Path]:
-    """The checkpoints in out_dir, newest first: ckpt.pt, ckpt.1.pt, ckpt.2.pt, …
+def checkpoint_path(out_dir, age: int) -> Path:
+    """ckpt.pt for the newest checkpoint (age 0), ckpt.<age>.pt for older ones."""
+    return Path(out_dir) / ("ckpt.pt" if age == 0 else f"ckpt.{age}.pt")
 
-    A crash between two renames of save_checkpoint can leave ckpt.pt missing for a moment; the older ones are then
-    still listed, so a resume finds the newest complete checkpoint.
+
+def checkpoint_ages(out_dir) -> list[int]:
+    """The ages of the checkpoints in out_dir, newest first: 0 for ckpt.pt, then 1, 2, … for ckpt.1.pt, ckpt.2.pt, …
+
+    A crash between two renames of save_checkpoint can leave ckpt.pt missing, or a gap in the numbers; the files that
+    are there are still listed in order, so a resume finds the newest complete checkpoint.
     """
-    out_dir = Path(out_dir)
-    older = sorted((int(m[1]), p) for p in out_dir.glob("ckpt.*.pt") if (m := re.fullmatch(r"ckpt\.(\d+)\.pt", p.name)))
-    newest = [out_dir / "ckpt.pt"] if (out_dir / "ckpt.pt").exists() else []
-    return newest + [p for _, p in older]
+    names = (p.name for p in Path(out_dir).glob("ckpt.*.pt"))
+    older = sorted(int(m[1]) for name in names if (m := re.fullmatch(r"ckpt\.(\d+)\.pt", name)))
+    return ([0] if checkpoint_path(out_dir, 0).exists() else []) + older
+
+
+def find_checkpoints(out_dir) -> list[Path]:
+    """The checkpoint files in out_dir, newest first: ckpt.pt, ckpt.1.pt, ckpt.2.pt, …"""
+    return [checkpoint_path(out_dir, age) for age in checkpoint_ages(out_dir)]
 
 
 def save_checkpoint(state: dict, out_dir, keep: int = 2) -> Path:
     """Writes `state` to <out_dir>/ckpt.pt atomically, with a checksum; keeps the keep − 1 previous ones.
 
-    The previous checkpoints move down (ckpt.pt → ckpt.1.pt → …) only once the new file is safely on disk.
+    The order makes every instant safe: (1) the new file is written aside and fsynced; (2) every checkpoint there
+    moves one name older (ckpt.pt → ckpt.1.pt, ckpt.1.pt → ckpt.2.pt, …, the oldest first, so no rename overwrites
+    a file); (3) the new file is renamed to ckpt.pt; (4) only then are the ones beyond `keep` deleted. A crash at any
+    point leaves at least the `keep` checkpoints that were there before.
     Raises UserError if the disk is full or the folder unwritable; the checkpoints already there stay intact.
     """
     out_dir = Path(out_dir)
     state = to_cpu(state)
     state["checksum"] = state_checksum(state)
-    paths = [out_dir / "ckpt.pt"] + [out_dir / f"ckpt.{i}.pt" for i in range(1, keep)]
 
     def shift_older():
-        for older, newer in reversed(list(zip(paths[1:], paths[:-1]))):
-            if newer.exists():
-                os.replace(newer, older)
+        for age in reversed(checkpoint_ages(out_dir)):
+            os.replace(checkpoint_path(out_dir, age), checkpoint_path(out_dir, age + 1))
 
-    try:
-        atomic_write(paths[0], lambda f: torch.save(state, f), before_replace=shift_older)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise UserError(f"could not write a checkpoint into {out_dir} ({one_line(e)}); free some disk space or "
-                        f"choose another --out-dir. The checkpoints already there are intact") from None
-    for extra in find_checkpoints(out_dir)[keep:]:  # --keep-ckpts lowered on resume
+    with disk_errors(f"a checkpoint into {out_dir}", RuntimeError):  # torch.save reports ENOSPC as RuntimeError
+        atomic_write(checkpoint_path(out_dir, 0), lambda f: torch.save(state, f), before_replace=shift_older)
+    for extra in find_checkpoints(out_dir)[keep:]:
         extra.unlink()
-    return paths[0]
+    return checkpoint_path(out_dir, 0)
 
 
 def load_checkpoint(path) -> dict:
@@ -1017,6 +1039,18 @@ def load_latest_checkpoint(out_dir) -> tuple[dict, Path]:
             print(f"warning: {e}; falling back to the older {candidates[i + 1]}", file=sys.stderr)
 
 
+def set_aside_unusable(out_dir, used: Path) -> None:
+    """Renames the checkpoints newer than `used` (the ones a resume skipped as unusable) to <name>.unusable.
+
+    Left in place they would move down the line at the next save and push the good older checkpoints out.
+    """
+    for path in find_checkpoints(out_dir):
+        if path == used:
+            return
+        os.replace(path, path.with_name(path.name + ".unusable"))
+        print(f"warning: moved the unusable {path.name} aside to {path.name}.unusable", file=sys.stderr)
+
+
 def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
     """Refuses to resume a checkpoint made with a different model, diffusion, optimiser or data configuration."""
     saved, now = state["config"], asdict(cfg)
@@ -1042,67 +1076,90 @@ def load_for_sampling(cfg: TrainConfig):
     saved = state["config"]
     merged = {f.name: getattr(cfg, f.name) if f.name in cfg.RESUMABLE else saved.get(f.name, getattr(cfg, f.name))
               for f in fields(cfg)}
-    return type(cfg)(**merged), state
+    cfg = type(cfg)(**merged)
+    if cfg.sampler == "ddim" and cfg.sample_steps > cfg.num_timesteps:
+        raise UserError(f"--sample-steps {cfg.sample_steps} exceeds the {cfg.num_timesteps} timesteps this model was "
+                        f"trained with")
+    return cfg, state
 
 
 # --- One run per out-dir, stopping on signals, and the metrics log ---
 
 class OutDirLock:
-    """Keeps a second training process out of an out-dir: <out_dir>/train.lock holds the owner's pid and host.
+    """Keeps a second training process out of an out-dir by holding an exclusive lock on <out_dir>/train.lock.
 
-    A lock whose process has died (checked on this host with os.kill(pid, 0)) is stale and taken over; a live owner,
-    or one on another host, makes the second run refuse with a message saying what to do.
+    The lock is the operating system's (flock on POSIX, a byte-range lock on Windows), not the file's existence: the
+    kernel releases it when its process ends in any way, SIGKILL and power loss included, so a crashed run never
+    leaves behind a lock to clear by hand, and two processes can never both believe they hold it. The file's text
+    (pid and host of the owner) is only for the message the second run prints.
     """
 
     def __init__(self, out_dir):
-        self.path = Path(out_dir) / "train.lock"
+        self.path, self.file = Path(out_dir) / "train.lock", None
 
-    def owner(self) -> str | None:
-        """Who holds the lock, or None when nobody alive does."""
-        try:
-            pid_text, host = self.path.read_text().split()
-            pid = int(pid_text)
-        except (OSError, ValueError):   # gone, or half-written by a process killed while creating it
-            return None
-        if host != socket.gethostname() or os.name == "nt":   # cannot check: assume it is alive
-            return f"pid {pid} on {host}"
-        if pid == os.getpid():          # our own pid left by an earlier process (containers reuse pids): stale
-            return None
-        try:
-            os.kill(pid, 0)             # signal 0 only checks that the process exists
-        except ProcessLookupError:
-            return None
-        except PermissionError:         # exists, owned by another user
-            pass
-        return f"pid {pid} on {host}"
+    @staticmethod
+    def _try_lock(file) -> None:
+        """Takes the lock without waiting; OSError if another process holds it."""
+        if os.name == "nt":
+            import msvcrt
+            file.seek(0)
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def __enter__(self):
-        for _ in range(2):  # a second try after removing a stale lock
+        while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # fails if it exists
-            except FileExistsError:
-                holder = self.owner()
-                if holder is not None:
-                    raise UserError(f"{self.path.parent} is in use by another training run ({holder}); wait for it, "
-                                    f"use another --out-dir, or delete {self.path} if that run is gone") from None
-                print(f"warning: removing the stale lock {self.path} of a run that is no longer alive", file=sys.stderr)
-                self.path.unlink(missing_ok=True)
-                continue
+                file = open(self.path, "a+")
             except OSError as e:
                 raise UserError(f"cannot write into --out-dir {self.path.parent} ({one_line(e)}); "
                                 f"choose a writable folder") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {socket.gethostname()}\n")
-            return self
-        raise UserError(f"could not take the lock {self.path}: another process keeps creating it")
+            try:
+                self._try_lock(file)
+            except OSError:
+                file.seek(0)
+                holder = file.read().strip() or "starting up"
+                file.close()
+                raise UserError(f"{self.path.parent} is in use by another training run ({holder}); wait for it "
+                                f"to finish or stop it, or use another --out-dir") from None
+            # The owner before us deletes the file on exit, perhaps between our open and our lock; a lock on a
+            # deleted file keeps nobody out, so check that ours is still the file at that path, else start over.
+            try:
+                if os.stat(self.path).st_ino == os.fstat(file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            file.close()
+        try:
+            file.seek(0)
+            file.truncate()
+            file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            file.flush()
+        except OSError as e:  # a full disk: the lock holds anyway, only the owner's name is missing
+            print(f"warning: could not write the owner's pid into {self.path} ({one_line(e)})", file=sys.stderr)
+        self.file = file
+        return self
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked (Windows refuses: the file then stays, harmless)
+        except OSError:
+            pass
+        self.file.close()                      # releases the lock
+
+
+class AbortedBySignal(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once. A KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class StopOnSignal:
     """The first SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) asks the loop to stop after the current
-    step and save; a second one aborts at once (KeyboardInterrupt). The files on disk stay consistent either way."""
+    step and save; a second one aborts at once (AbortedBySignal). The files on disk stay consistent either way."""
 
     def __init__(self):
         self.signum, self._previous = None, {}
@@ -1115,7 +1172,7 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise AbortedBySignal(signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
               f"(send it again to abort at once)", file=sys.stderr, flush=True)
@@ -1129,8 +1186,9 @@ class MetricsLog:
     """metrics.csv, one row per logged step, appended as training goes.
 
     On (re)start every row after the step being resumed from is dropped, with any torn last line, and the file is
-    rewritten atomically; those steps are trained, and logged, again. So after any number of interruptions and
-    resumes each logged step appears exactly once.
+    rewritten atomically; those steps are trained, and logged, again. Before each checkpoint the rows are fsynced,
+    so a power cut cannot take rows older than the checkpoint, which a resume would not write again. So after any
+    number of interruptions and resumes each logged step appears exactly once.
     """
     COLUMNS = ("step", "loss", "lr", "img_per_s", "skipped_steps")
 
@@ -1144,11 +1202,17 @@ class MetricsLog:
                 if complete and int(values[0]) <= start_step:
                     kept.append(line)
         header = ",".join(self.COLUMNS) + "\n"
-        atomic_write(path, lambda f: f.write((header + "".join(kept)).encode()))
+        with disk_errors(path):
+            atomic_write(path, lambda f: f.write((header + "".join(kept)).encode()))
 
     def append(self, *values) -> None:
-        with open(self.path, "a") as f:
+        with disk_errors(self.path), open(self.path, "a") as f:
             f.write(",".join(str(v) for v in values) + "\n")
+
+    def sync(self) -> None:
+        """Makes the rows written so far durable (called just before each checkpoint)."""
+        with disk_errors(self.path), open(self.path, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def resume_command() -> str:
@@ -1181,13 +1245,29 @@ def train_step(model_fn, model, diffusion, x0, y, cfg, dtype):
 
     Args: model_fn the (maybe compiled) callable, model the module that owns the parameters, x0 (B, …), y (B,) or
     None, cfg for grad_clip, dtype from amp_dtype.  Returns: the loss and the gradient norm before clipping, as tensors.
-    Clipping the norm to 1 [DDPM Appendix B] keeps a rare huge gradient (a badly noised batch) from wrecking Adam.
+    Clipping the norm to 1 (as DDPM's released code does) keeps a rare huge gradient from wrecking Adam's moments.
     """
     with torch.autocast(x0.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = diffusion.loss(model_fn, x0, y)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     return loss, grad_norm
+
+
+def rng_states(device: torch.device) -> dict:
+    """The global random number generators the loop draws t, ε and label dropout from: the CPU's, and the GPU's."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            "mps": torch.mps.get_rng_state() if device.type == "mps" else None}
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    """Restores what rng_states saved (a checkpoint from another kind of device restores the CPU's only)."""
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if device.type == "mps" and states.get("mps") is not None:
+        torch.mps.set_rng_state(states["mps"])
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
@@ -1213,6 +1293,10 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
         UserError for a problem the user can fix; TrainingInterrupted after SIGINT/SIGTERM, its checkpoint written.
     """
     device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
+    if len(data.x) == 0:
+        raise UserError("the training set is empty; give it at least one example")
+    if data.x.is_floating_point() and not data.x.isfinite().all():
+        raise UserError("the training data holds NaN or Inf values; clean or drop those examples")
     check_out_dir(cfg)  # decide what this run is before touching the disk: a refused run changes nothing
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1232,7 +1316,7 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
 
     # 1. Everything the loop uses, freshly seeded. Exact resume rests on an inventory of state: the weights, the EMA,
     #    Adam's moments and step count, the LR schedule's position, the step, the data order, and the RNGs that draw
-    #    t, ε and the label dropout (torch's CPU generator, and CUDA's on a GPU). Miss one and a resumed run drifts.
+    #    t, ε and the label dropout (torch's CPU generator, and the GPU's). Miss one and a resumed run drifts.
     torch.manual_seed(cfg.seed)
     images = data.x.dim() == 4
     channels_last = images and device.type == "cuda"   # NHWC: the layout tensor-core convolutions want
@@ -1240,7 +1324,8 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
     data, diffusion = data.to(device), diffusion.to(device)
     ema = EMA(model, cfg.ema_decay)
     optimizer = make_optimizer(model, cfg, device)
-    # Linear warm-up from 0 to cfg.lr over cfg.warmup steps, then constant [DDPM Appendix B].
+    # The learning rate rises linearly, cfg.lr/warmup per step, to cfg.lr at step cfg.warmup, then stays there (as in
+    # DDPM's released code): Adam's early steps, taken with poor moment estimates, stay small.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, cfg.warmup)))
     order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
     model_fn = torch.compile(model) if cfg.compile else model  # compiled for speed; `model` keeps the plain weights
@@ -1252,27 +1337,26 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
     if cfg.resume:
         state, path = load_latest_checkpoint(out_dir)
         guard_resume(state, cfg, data.info(), path)
+        set_aside_unusable(out_dir, path)
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["lr_schedule"])
         order.load_state_dict(state["data_order"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_states(state["rng"], device)
         step = state["step"]
         loss_sum, loss_count, bad_streak, skipped = state["loop"]
-        print(f"resuming from {path} at step {step:,}")
+        print(f"resuming from {path} at step {step}")
     metrics = MetricsLog(out_dir / "metrics.csv", step)
 
     def checkpoint():
+        metrics.sync()
         return save_checkpoint({
             "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
             "config": asdict(cfg), "config_class": type(cfg).__name__, "data_info": data.info(),
             "model": model.state_dict(), "ema": ema.model.state_dict(),
             "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "data_order": order.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "rng": rng_states(device),
             "loop": [loss_sum, loss_count, bad_streak, skipped],
         }, out_dir, cfg.keep_ckpts)
 
@@ -1286,20 +1370,23 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
         if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         loss, grad_norm = train_step(model_fn, model, diffusion, x0, y, cfg, dtype)
-        loss_value = loss.item()  # the one host-device sync per step: we must know before updating
-        if math.isfinite(loss_value) and math.isfinite(grad_norm.item()):
+        # The one wait for the device per step: the update depends on whether loss and gradient are finite.
+        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
             optimizer.step()
             ema.update(step)
             loss_sum, loss_count, bad_streak = loss_sum + loss_value, loss_count + 1, 0
         else:  # skip the update; the data and the RNGs move on as if it had happened
             bad_streak, skipped = bad_streak + 1, skipped + 1
-            print(f"warning: step {step + 1}: loss is {loss_value}; update skipped ({bad_streak} in a row)",
-                  file=sys.stderr)
+            print(f"warning: step {step + 1}: loss {loss_value}, gradient norm {norm_value}; update skipped "
+                  f"({bad_streak} in a row)", file=sys.stderr)
             if bad_streak >= cfg.max_bad_steps:
+                saved = find_checkpoints(out_dir)
+                kept = f"the last good checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written"
                 raise UserError(f"the loss was NaN or Inf for {bad_streak} steps in a row (up to step {step + 1}); "
-                                f"training stopped, the last good checkpoint is kept in {out_dir}. Lower --lr, "
-                                f"check the data for NaN/Inf values, or try --amp none")
+                                f"training stopped and {kept}. Lower --lr, or try --amp none")
         optimizer.zero_grad(set_to_none=True)
+        lr = schedule.get_last_lr()[0]  # the rate this step used
         schedule.step()
         step, window_steps = step + 1, window_steps + 1
 
@@ -1307,9 +1394,8 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
             elapsed = time.perf_counter() - tic
             rate = window_steps * cfg.batch_size / max(elapsed, 1e-9)
             mean_loss = loss_sum / loss_count if loss_count else float("nan")
-            lr = schedule.get_last_lr()[0]
             eta = int((cfg.steps - step) * cfg.batch_size / max(rate, 1e-9))
-            print(f"step {step:,}/{cfg.steps:,} ({100 * step // cfg.steps}%) | loss {mean_loss:.4f} | lr {lr:.1e} | "
+            print(f"step {step}/{cfg.steps} ({100 * step // cfg.steps}%) | loss {mean_loss:.4f} | lr {lr:.1e} | "
                   f"{rate:,.0f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
             metrics.append(step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", skipped)
             loss_sum, loss_count = 0.0, 0
@@ -1323,7 +1409,7 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
             tic, window_steps = time.perf_counter(), 0
         if stopping:
             name = signal.Signals(stopping).name
-            raise TrainingInterrupted(f"stopped by {name} at step {step:,}/{cfg.steps:,}; checkpoint saved to {path}\n"
+            raise TrainingInterrupted(f"stopped by {name} at step {step}/{cfg.steps}; checkpoint saved to {path}\n"
                                       f"resume with: {resume_command()}", 128 + stopping)
     return ema.model
 
@@ -1389,7 +1475,8 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
 def cli(config_cls, main: Callable, argv=None) -> int:
     """Runs main(cfg) with cfg parsed from the command line, and returns the process exit status:
     0 done; 1 a problem the printed line explains; 2 a malformed command line; 128 + signal number (130 for Ctrl-C,
-    143 for SIGTERM) when stopped by a signal, its checkpoint saved (the printed command resumes it)."""
+    143 for SIGTERM) when stopped by a signal: after the first, with a checkpoint of the step reached (the printed
+    command resumes it); after a second one, at once, with the last checkpoint written before intact."""
     try:
         cfg = parse_config(config_cls, argv)
     except SystemExit as e:  # argparse: --help (0) or a malformed command line (2), already printed
@@ -1403,9 +1490,12 @@ def cli(config_cls, main: Callable, argv=None) -> int:
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C outside it
         print("aborted; the last checkpoint written is intact (resume with --resume)", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

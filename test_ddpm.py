@@ -8,6 +8,7 @@ import errno
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -160,6 +161,34 @@ def test_loss_of_zero_predictor_and_label_dropout():
     assert abs(dropped - 0.2) < 5 * math.sqrt(0.2 * 0.8 / n)
     d.loss(model, torch.randn(8, 2))
     assert model.seen_y is None  # unlabelled data stays unlabelled
+
+
+class NoiseFromX0(nn.Module):
+    """Knows x_0, so it can predict ε exactly by solving Eq. 4 for it: ε = (x_t − √ᾱ_t·x_0)/√(1 − ᾱ_t)."""
+
+    def __init__(self, diffusion, x0):
+        super().__init__()
+        self.diffusion, self.x0 = diffusion, x0
+
+    def forward(self, x_t, t, y=None):
+        self.seen_t = t
+        d = self.diffusion
+        return ((x_t - ddpm.broadcast(d.sqrt_alphas_cumprod, t, x_t) * self.x0)
+                / ddpm.broadcast(d.sqrt_one_minus_alphas_cumprod, t, x_t))
+
+
+def test_loss_feeds_the_network_eq4_x_t_at_uniform_timesteps():
+    """The network is shown x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, so the exact inverse of Eq. 4 has loss 0 (up to float32
+    rounding amplified by 1/√(1 − ᾱ_1) ≈ 14: far below 1e-8); t is uniform on all of 0..T−1: each of the T values
+    drawn n/T times within 5 binomial standard errors."""
+    torch.manual_seed(0)
+    T, n = 20, 5000
+    d = ddpm.Diffusion(T)
+    x0 = torch.randn(n, 3, 2, 2)
+    model = NoiseFromX0(d, x0)
+    assert d.loss(model, x0).item() < 1e-8
+    counts = torch.bincount(model.seen_t, minlength=T)
+    assert len(counts) == T and (counts - n / T).abs().max() < 5 * math.sqrt(n / T * (1 - 1 / T))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -338,14 +367,27 @@ def test_guidance_interpolates_between_unconditional_and_conditional(make):
 # Training, checkpoints and resume (in-process, a tiny MLP on tiny data)
 # ----------------------------------------------------------------------------------------------------------------------
 
-def tiny_run(out_dir, model=None, **overrides):
-    """Trains a 2-D MLP for a few steps in out_dir; returns (ema model, config). Quiet, CPU, seconds."""
+def tiny_run(out_dir, model=None, kind="points", **overrides):
+    """Trains a tiny network for a few steps in out_dir; returns (ema model, config). Quiet, CPU, seconds.
+
+    kind: "points" (a 2-D MLP, no labels), "labelled" (the MLP with 3 classes, so labels are dropped for guidance)
+    or "images" (a U-Net with dropout and attention on 8×8 uint8 images with 3 classes, flipped at random).
+    """
     cfg = ddpm.TrainConfig(**{**dict(out_dir=str(out_dir), steps=40, batch_size=16, lr=1e-3, warmup=5, log_every=5,
                                      ckpt_every=10, sample_every=0, num_timesteps=50, ema_decay=0.9, device="cpu"),
                               **overrides})
-    data = ddpm.Data(torch.randn(50, 2, generator=torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(0)
+    labels, names = torch.arange(50) % 3, ("a", "b", "c")
+    if kind == "images":
+        data = ddpm.Data(torch.randint(0, 256, (50, 1, 8, 8), generator=gen, dtype=torch.uint8), labels, names,
+                         hflip=True)
+    else:
+        data = ddpm.Data(torch.randn(50, 2, generator=gen), *((labels, names) if kind == "labelled" else ()))
     torch.manual_seed(cfg.seed)
-    model = model or ddpm.MLP(dim=2, hidden=32, depth=1)
+    if model is None and kind == "images":
+        model = ddpm.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
+                          image_size=8, num_classes=3)
+    model = model or ddpm.MLP(dim=2, hidden=32, depth=1, num_classes=3 if kind == "labelled" else 0)
     return ddpm.train(model, ddpm.Diffusion(cfg.num_timesteps), data, cfg), cfg
 
 
@@ -364,12 +406,14 @@ def metric_rows(out_dir):
     return [tuple(line.split(",")[:2]) for line in lines[1:]]
 
 
-def test_resume_is_bit_exact_on_cpu(tmp_path):
-    """40 steps in one go equal 20 steps, a stop, and --resume to 40 (batch order, noise, dropout of labels, Adam
-    state, LR schedule and EMA all restored): model and EMA tensors torch.equal, the same metrics rows once each."""
-    tiny_run(tmp_path / "a", steps=40)
-    tiny_run(tmp_path / "b", steps=20)
-    tiny_run(tmp_path / "b", steps=40, resume=True)
+@pytest.mark.parametrize("kind", ["points", "labelled", "images"])
+def test_resume_is_bit_exact_on_cpu(tmp_path, kind):
+    """40 steps in one go equal 20 steps, a stop, and --resume to 40 (batch order, flips, t, noise, label dropout,
+    network dropout, Adam state, LR schedule and EMA all restored): model and EMA tensors torch.equal, the same
+    metrics rows once each."""
+    tiny_run(tmp_path / "a", kind=kind, steps=40)
+    tiny_run(tmp_path / "b", kind=kind, steps=20)
+    tiny_run(tmp_path / "b", kind=kind, steps=40, resume=True)
     assert_same_weights(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt")
     assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
     assert [int(s) for s, _ in metric_rows(tmp_path / "b")] == list(range(5, 41, 5))
@@ -439,16 +483,65 @@ def test_bad_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, 
                 "malicious": "refusing to load"}[damage]
     with pytest.raises(ddpm.CheckpointError, match=expected):
         ddpm.load_checkpoint(newest)
+    damaged = newest.read_bytes()
     tiny_run(tmp_path / "run", steps=30, resume=True)
     err = capsys.readouterr().err
     assert expected in err and "falling back to the older" in err and "ckpt.1.pt" in err
-    assert ddpm.load_checkpoint(newest)["step"] == 30
+    # The damaged file was moved aside, so it did not push a good checkpoint out of the kept two.
+    assert (tmp_path / "run" / "ckpt.pt.unusable").read_bytes() == damaged and "moved the unusable" in err
+    assert [ddpm.load_checkpoint(p)["step"] for p in ddpm.find_checkpoints(tmp_path / "run")] == [30, 20]
     assert not marker.exists()
     for extra in ddpm.find_checkpoints(tmp_path / "run")[1:]:  # now only the damaged kind of file is left
         extra.unlink()
     newest.write_bytes(newest.read_bytes()[:1000])
     with pytest.raises(ddpm.CheckpointError, match="unreadable"):
         tiny_run(tmp_path / "run", steps=40, resume=True)
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL or a power cut: nothing in ddpm.py catches a BaseException that is not its own."""
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_crash_at_any_rename_of_a_save_keeps_every_good_checkpoint(tmp_path, monkeypatch, fallback):
+    """Crash the save of step 30 at each of its renames in turn: the good checkpoints of steps 10 and 20 both stay
+    loadable, and resuming then ends with the weights of a run that never crashed. With fallback, the step-20
+    checkpoint first written was damaged, so the resume fell back to step 10 and wrote step 20 again before the
+    save that crashes (the damaged file must not have taken a place among the kept ones)."""
+    tiny_run(tmp_path / "reference", steps=30)
+    for crash_at in (1, 2, 3):
+        run = tmp_path / f"crash{crash_at}"
+        tiny_run(run, steps=20)
+        if fallback:
+            corrupt_middle(run / "ckpt.pt")
+        saves_to_let_through = 1 if fallback else 0
+        renames, real_replace = [], os.replace
+
+        def replace_or_crash(src, dst):
+            nonlocal saves_to_let_through
+            if re.fullmatch(r"ckpt(\.\d+)?\.pt", Path(dst).name):  # the renames of save_checkpoint only
+                if saves_to_let_through:
+                    saves_to_let_through -= Path(dst).name == "ckpt.pt"  # a save ends by renaming onto ckpt.pt
+                else:
+                    renames.append(dst)
+                    if len(renames) == crash_at:
+                        raise Crash
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace_or_crash)
+        with pytest.raises(Crash):
+            tiny_run(run, steps=30, resume=True)
+        monkeypatch.undo()
+        loadable = set()
+        for path in ddpm.find_checkpoints(run):
+            try:
+                loadable.add(ddpm.load_checkpoint(path)["step"])
+            except ddpm.CheckpointError:
+                pass
+        assert {10, 20} <= loadable, (crash_at, loadable)
+        tiny_run(run, steps=30, resume=True)
+        assert_same_weights(tmp_path / "reference" / "ckpt.pt", run / "ckpt.pt")
+        assert [ddpm.load_checkpoint(p)["step"] for p in ddpm.find_checkpoints(run)] == [30, 20]
 
 
 class NaNOnCalls(nn.Module):
@@ -470,11 +563,22 @@ def test_nan_loss_is_skipped_and_too_many_stop_training(tmp_path, capsys):
     ema, _ = tiny_run(tmp_path / "one", model=NaNOnCalls({7}), steps=20)
     assert all(p.isfinite().all() for p in ema.parameters())
     assert (tmp_path / "one" / "metrics.csv").read_text().splitlines()[-1].endswith(",1")
-    assert "loss is nan; update skipped" in capsys.readouterr().err
-    with pytest.raises(ddpm.UserError, match="NaN or Inf for 3 steps in a row"):
+    assert "loss nan, gradient norm nan; update skipped (1 in a row)" in capsys.readouterr().err
+    with pytest.raises(ddpm.UserError, match="NaN or Inf for 3 steps in a row .* the last good checkpoint, .*ckpt.pt"):
         tiny_run(tmp_path / "many", model=NaNOnCalls({12, 13, 14}), steps=20, max_bad_steps=3)
     state = ddpm.load_checkpoint(tmp_path / "many" / "ckpt.pt")
     assert state["step"] == 10 and all(v.isfinite().all() for v in state["model"].values())
+    with pytest.raises(ddpm.UserError, match="NaN or Inf for 2 steps in a row .* no checkpoint was written"):
+        tiny_run(tmp_path / "early", model=NaNOnCalls({1, 2}), steps=20, max_bad_steps=2)
+
+
+def test_empty_or_non_finite_training_data_is_refused_before_anything_is_written(tmp_path):
+    """An empty training set, or one holding NaN, is a clear error before the out-dir is created."""
+    cfg = ddpm.TrainConfig(out_dir=str(tmp_path / "run"), steps=5, device="cpu")
+    for x, match in [(torch.zeros(0, 2), "training set is empty"), (torch.tensor([[0.0, math.nan]]), "NaN or Inf")]:
+        with pytest.raises(ddpm.UserError, match=match):
+            ddpm.train(ddpm.MLP(), ddpm.Diffusion(10), ddpm.Data(x), cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -490,10 +594,21 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", save_then_disk_full)
-    with pytest.raises(ddpm.UserError, match="No space left on device.*intact"):
+    with pytest.raises(ddpm.UserError, match="checkpoint into .*No space left on device.*intact"):
         tiny_run(tmp_path, steps=20, resume=True)
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "metrics.csv"]  # no partial file
+    monkeypatch.undo()
+
+    def open_but_metrics_full(path, mode="r", *args, **kwargs):  # the disk fills up when a log row is appended
+        if Path(path).name == "metrics.csv" and mode == "a":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ddpm, "open", open_but_metrics_full, raising=False)
+    with pytest.raises(ddpm.UserError, match="could not write .*metrics.csv .*No space left on device"):
+        tiny_run(tmp_path, steps=20, resume=True)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
 def test_unwritable_out_dir_is_a_clear_error(tmp_path):
@@ -506,14 +621,15 @@ def test_unwritable_out_dir_is_a_clear_error(tmp_path):
 def test_out_dir_that_refuses_writes_is_a_clear_error(tmp_path, monkeypatch):
     """An existing --out-dir where files cannot be created (read-only or no permission; simulated, since root
     ignores permissions) is a one-line error before any training."""
-    real_open = os.open
+    def refusing(real_open):
+        def refuse(path, *args, **kwargs):
+            if str(path).startswith(str(tmp_path)):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, *args, **kwargs)
+        return refuse
 
-    def refuse(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path)):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", refuse)
+    monkeypatch.setattr(os, "open", refusing(os.open))
+    monkeypatch.setattr(ddpm, "open", refusing(open), raising=False)
     with pytest.raises(ddpm.UserError, match="cannot write into --out-dir .*Permission denied"):
         tiny_run(tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -531,22 +647,23 @@ def test_compile_and_bf16_switches_train_and_save_plain_weights(tmp_path, monkey
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in ema.parameters())
 
 
-def test_lock_keeps_a_second_run_out_and_notices_stale_locks(tmp_path, capsys):
-    """A lock held by a live process makes a second run refuse; a lock left by a dead process is taken over."""
-    tmp_path.mkdir(exist_ok=True)
-    lock = tmp_path / "train.lock"
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def test_lock_keeps_a_second_run_out_and_dies_with_its_owner(tmp_path):
+    """While a live process holds the out-dir's lock, a second run refuses and names it; once that process is
+    SIGKILLed (leaving train.lock behind), the kernel has released its lock and a new run proceeds."""
+    code = ("import sys, time, ddpm\n"
+            "with ddpm.OutDirLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=HERE)
     try:
-        lock.write_text(f"{alive.pid} {ddpm.socket.gethostname()}\n")
-        with pytest.raises(ddpm.UserError, match=f"in use by another training run \\(pid {alive.pid}"):
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ddpm.UserError, match=f"in use by another training run \\(pid {holder.pid} on "):
             tiny_run(tmp_path, steps=5)
         assert not (tmp_path / "ckpt.pt").exists()
     finally:
-        alive.kill()
-        alive.wait()
-    lock.write_text(f"{alive.pid} {ddpm.socket.gethostname()}\n")  # that process is gone now
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "train.lock").exists()  # the file outlives SIGKILL; the lock does not
     tiny_run(tmp_path, steps=5)
-    assert "stale lock" in capsys.readouterr().err and not lock.exists()
+    assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5 and not (tmp_path / "train.lock").exists()
 
 
 def test_config_checks_and_command_line(capsys):
@@ -568,7 +685,7 @@ def test_config_checks_and_command_line(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for name in [f.name for f in ddpm.fields(train_moons.MoonsConfig)]:
         assert ddpm.flag(name) in help_text
-    assert "--class-cond, --no-class-cond" in help_text and "(default: 2000)" in help_text
+    assert "--class-cond, --no-class-cond" in help_text and "(default: 1500)" in help_text
     assert "std of the Gaussian noise" in help_text or "standard deviation of the Gaussian noise" in help_text
     assert ddpm.cli(train_moons.MoonsConfig, None, ["--steps", "many"]) == 2
     err = capsys.readouterr().err
@@ -628,7 +745,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path,
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, output
     step = ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"]
-    assert f"at step {step:,}/" in output and f"checkpoint saved to {tmp_path / 'ckpt.pt'}" in output
+    assert f"at step {step}/" in output and f"checkpoint saved to {tmp_path / 'ckpt.pt'}" in output
     assert "resume with: python" in output and output.rstrip().endswith("--resume")
     assert 0 < step < 10**6 and int(metric_rows(tmp_path)[-1][0]) <= step
     done = subprocess.run(moons_args(tmp_path, step + 30, "--resume"), capture_output=True, text=True, cwd=HERE)
@@ -636,16 +753,30 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path,
     assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == step + 30
 
 
-def test_second_ctrl_c_aborts_at_once_leaving_checkpoints_intact(tmp_path):
-    """Two Ctrl-C in a row abort without waiting (exit status 130, "aborted"); whatever checkpoints exist load."""
-    proc = start_and_wait_for_training(moons_args(tmp_path, 10**6))
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in output
-    assert "aborted" in output or "checkpoint saved" in output  # the 2nd signal may land after the save
-    state, _ = ddpm.load_latest_checkpoint(tmp_path)
-    assert state["step"] > 0
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_during_the_save_aborts_at_once(tmp_path, monkeypatch, capsys, sig):
+    """A second SIGINT (or SIGTERM) that arrives while the first one's checkpoint is being written aborts at once:
+    exit status 128 + signal, "aborted", no traceback, the half-written file removed and the checkpoint before it
+    intact. (In-process, so that the second signal lands inside the save every time.)"""
+    sent, real_append, real_save = [], ddpm.MetricsLog.append, torch.save
+
+    def append_then_signal(self, step, *values):
+        real_append(self, step, *values)
+        if step == 30:  # the first signal: finish this step and save
+            sent.append(step)
+            os.kill(os.getpid(), sig)
+
+    def signal_inside_save(obj, f):
+        if sent:  # the second one, while that checkpoint is being written
+            os.kill(os.getpid(), sig)
+        real_save(obj, f)
+
+    monkeypatch.setattr(ddpm.MetricsLog, "append", append_then_signal)
+    monkeypatch.setattr(torch, "save", signal_inside_save)
+    status = ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 100)[2:])
+    err = capsys.readouterr().err
+    assert status == 128 + sig and "finishing this step" in err and "aborted" in err and "Traceback" not in err
+    assert [ddpm.load_checkpoint(p)["step"] for p in ddpm.find_checkpoints(tmp_path)] == [20]
     assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "train.lock").exists()
 
 
@@ -655,6 +786,7 @@ def test_second_ctrl_c_aborts_at_once_leaving_checkpoints_intact(tmp_path):
     (["--steps", "0"], 1, "--steps must be at least 1, got 0"),
     (["--schedule", "quadratic"], 2, "invalid choice: 'quadratic'"),
     (["--resume"], 1, "no checkpoint in"),
+    (["--num-points", "0"], 1, "--num-points must be at least 2"),
 ])
 def test_bad_command_lines_exit_with_one_line_and_change_nothing(tmp_path, args, status, message):
     """Bad input in a real process: the documented exit status, one line on stderr naming the problem, no
@@ -710,6 +842,11 @@ def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
     assert np.load(out / "samples.npy").shape == (300, 2) and (out / "ckpt.pt").read_bytes() == before
     assert "step " not in capsys.readouterr().out
+    # DDIM steps are checked against the checkpoint's T (100), not the script's default T (200).
+    args = ["--out-dir", str(out), "--sample-only", "--sampler", "ddim", "--sample-steps", "150"]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--sample-steps 150 exceeds the 100 timesteps this model was trained with" in err
 
 
 def test_class_conditional_moons_put_each_label_on_its_moon(tmp_path):
