@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import inspect
 import math
@@ -660,7 +661,11 @@ def one_line(error: BaseException) -> str:
 @dataclass
 class TrainConfig:
     """Settings of a training run. Scripts subclass it to change defaults and add fields. The command line is made
-    from it (parse_config): each field becomes --field-name and the comment after it becomes its --help text."""
+    from it (parse_config): each field becomes --field-name and the comment after it becomes its --help text.
+
+    In a notebook, build it directly, TrainConfig(out_dir="runs/x", steps=500), and call cfg.check() to get the same
+    errors the command line gives. The whole config is saved in every checkpoint; guard_resume compares against it.
+    """
     out_dir: str = "runs/default"   # folder for checkpoints, metrics.csv and pictures
     resume: bool = False            # continue the run saved in --out-dir
     overwrite: bool = False         # start afresh in an --out-dir that holds a checkpoint (its checkpoints are deleted)
@@ -747,20 +752,23 @@ def parse_config(cls, argv=None):
     Every field becomes --field-name with its default; booleans become --flag/--no-flag. Exits with status 2 and one
     line on an unknown flag or a value of the wrong type.
     """
+    # The dataclass is the single source of truth: the names, types and defaults of the flags are read from its
+    # fields, so a new setting is one line in a config class and appears on the command line and in --help at once.
     parser = _OneLineArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0],
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # "(default: …)"
     helps = config_help(cls)
     for f in fields(cls):
         kwargs = dict(default=f.default, help=helps.get(f.name, f.name))
         if isinstance(f.default, bool):
+            # --flag / --no-flag: a bool is never parsed from text (bool("False") is True).
             kwargs["action"] = argparse.BooleanOptionalAction
-        else:
+        else:  # the default's type parses the text: "3e-4" → float, "64" → int
             kwargs.update(type=type(f.default), choices=cls.CHOICES.get(f.name), metavar=type(f.default).__name__.upper())
         parser.add_argument(flag(f.name), **kwargs)
     return cls(**vars(parser.parse_args(argv)))
 
 
-_devices_announced = set()
+_devices_announced = set()  # choose_device is called by train, benchmark and the scripts: print the device once
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -800,10 +808,12 @@ class Data:
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor):
         """x0 (B, …) float and y (B,) or None, for example indices idx (B,) and flip decisions flip (B,) bool."""
-        x0 = self.x[idx]
+        x0 = self.x[idx]                                                     # one gather on the device, no loader
         if x0.dtype == torch.uint8:
             x0 = x0.float() / 127.5 - 1                                      # pixels {0..255} → [−1, 1]
         if self.hflip:
+            # Flip the whole batch and pick per image: one kernel, no Python loop. The decisions come from
+            # BatchOrder's generator, not from here, so that they too are part of the saved state.
             x0 = torch.where(flip.view(-1, *[1] * (x0.dim() - 1)), x0.flip(-1), x0)
         return x0, None if self.y is None else self.y[idx]
 
@@ -822,7 +832,11 @@ class BatchOrder:
     """
 
     def __init__(self, size: int, batch_size: int, seed: int):
+        if size < 1:
+            raise ValueError("BatchOrder needs at least one example")
         self.size, self.batch_size = size, batch_size
+        # A CPU generator of its own: the batches are the same on any device, and drawing them does not move the
+        # global generator that the loss draws t and ε from (so neither stream depends on the other).
         self.generator = torch.Generator().manual_seed(seed)
         self.perm, self.pos = torch.empty(0, dtype=torch.long), 0
 
@@ -860,6 +874,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, num_updates: int) -> None:
+        # (1 + n)/(10 + n) is 0.1 at the first update (the average is nearly the model), 0.9 after 80 updates and
+        # 0.999 after 9,000: the average's memory grows with the run until it reaches the configured decay.
         d = min(self.decay, (1 + num_updates) / (10 + num_updates))
         torch._foreach_lerp_(*self._pairs, 1 - d)        # θ_ema += (1 − d)·(θ − θ_ema), one fused kernel per dtype
         for ema_buffer, buffer in zip(*self._buffers):   # buffers (none in our nets) are copied, not averaged
@@ -965,7 +981,7 @@ def checkpoint_ages(out_dir) -> list[int]:
     are there are still listed in order, so a resume finds the newest complete checkpoint.
     """
     names = (p.name for p in Path(out_dir).glob("ckpt.*.pt"))
-    older = sorted(int(m[1]) for name in names if (m := re.fullmatch(r"ckpt\.(\d+)\.pt", name)))
+    older = sorted(int(m[1]) for name in names if (m := re.fullmatch(r"ckpt\.([1-9]\d*)\.pt", name)))
     return ([0] if checkpoint_path(out_dir, 0).exists() else []) + older
 
 
@@ -990,6 +1006,7 @@ def save_checkpoint(state: dict, out_dir, keep: int = 2) -> Path:
     def shift_older():
         for age in reversed(checkpoint_ages(out_dir)):
             os.replace(checkpoint_path(out_dir, age), checkpoint_path(out_dir, age + 1))
+        fsync_dir(out_dir)  # the shifts reach the disk before the rename that depends on them
 
     with disk_errors(f"a checkpoint into {out_dir}", RuntimeError):  # torch.save reports ENOSPC as RuntimeError
         atomic_write(checkpoint_path(out_dir, 0), lambda f: torch.save(state, f), before_replace=shift_older)
@@ -1020,6 +1037,8 @@ def load_checkpoint(path) -> dict:
                "data_order", "rng", "loop"} - state.keys()
     if missing:
         raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(missing))}")
+    # A flipped bit inside a tensor (a bad disk, a copy cut short at the right place) unpickles without complaint
+    # and would train on silently from damaged weights; the checksum over every byte catches it here.
     if state.pop("checksum", None) != state_checksum(state):
         raise CheckpointError(f"{path} is corrupted: its contents do not match the checksum saved with them")
     return state
@@ -1047,12 +1066,20 @@ def set_aside_unusable(out_dir, used: Path) -> None:
     for path in find_checkpoints(out_dir):
         if path == used:
             return
-        os.replace(path, path.with_name(path.name + ".unusable"))
-        print(f"warning: moved the unusable {path.name} aside to {path.name}.unusable", file=sys.stderr)
+        aside, n = path.with_name(path.name + ".unusable"), 1
+        while aside.exists():  # an earlier fallback's file: keep it too
+            aside, n = path.with_name(f"{path.name}.unusable.{n}"), n + 1
+        os.replace(path, aside)
+        print(f"warning: moved the unusable {path.name} aside to {aside.name}", file=sys.stderr)
 
 
 def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
-    """Refuses to resume a checkpoint made with a different model, diffusion, optimiser or data configuration."""
+    """Refuses to resume a checkpoint made with a different model, diffusion, optimiser or data configuration.
+
+    Loading would often work (same tensor shapes) and then quietly train something else: a new learning rate, a
+    different T, another data set under the same class names. So every difference is listed, and none is allowed
+    but those in cfg.RESUMABLE, which change when and how the run stops, logs and samples, not what it learns.
+    """
     saved, now = state["config"], asdict(cfg)
     diffs = [f"{flag(k)} (checkpoint {saved.get(k)!r}, now {v!r})"
              for k, v in now.items() if k not in cfg.RESUMABLE and saved.get(k) != v]
@@ -1094,15 +1121,17 @@ class OutDirLock:
     (pid and host of the owner) is only for the message the second run prints.
     """
 
+    HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK}  # "someone else has it", by platform
+
     def __init__(self, out_dir):
         self.path, self.file = Path(out_dir) / "train.lock", None
 
     @staticmethod
     def _try_lock(file) -> None:
-        """Takes the lock without waiting; OSError if another process holds it."""
+        """Takes the lock without waiting; OSError if another process holds it or the file system cannot lock."""
         if os.name == "nt":
             import msvcrt
-            file.seek(0)
+            file.seek(1 << 30)  # lock a byte far past the text, which another process must still be able to read
             msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
         else:
             import fcntl
@@ -1117,7 +1146,12 @@ class OutDirLock:
                                 f"choose a writable folder") from None
             try:
                 self._try_lock(file)
-            except OSError:
+            except OSError as e:
+                if e.errno not in self.HELD:  # a file system without locks (some cluster scratch disks)
+                    file.close()
+                    print(f"warning: cannot lock {self.path} ({one_line(e)}); training without the guard against "
+                          f"a second run in this folder", file=sys.stderr)
+                    return self
                 file.seek(0)
                 holder = file.read().strip() or "starting up"
                 file.close()
@@ -1142,6 +1176,8 @@ class OutDirLock:
         return self
 
     def __exit__(self, *exc):
+        if self.file is None:                  # ran without a lock
+            return
         try:
             self.path.unlink(missing_ok=True)  # while still locked (Windows refuses: the file then stays, harmless)
         except OSError:
@@ -1174,8 +1210,9 @@ class StopOnSignal:
         if self.signum is not None:
             raise AbortedBySignal(signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              f"(send it again to abort at once)", file=sys.stderr, flush=True)
+        # os.write, not print: the signal may arrive while the main code is inside print, which is not reentrant.
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                    f"(send it again to abort at once)\n".encode())
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
@@ -1216,7 +1253,11 @@ class MetricsLog:
 
 
 def resume_command() -> str:
-    """The command that continues this run: the same command line with --resume (and without --overwrite)."""
+    """The command that continues this run: the same command line with --resume (and without --overwrite).
+
+    Printed when a run stops on a signal, so that the user (or a cluster's requeue script) can paste it as it is;
+    shlex.quote keeps arguments with spaces intact.
+    """
     if not sys.argv or not sys.argv[0].endswith(".py"):
         return "call train() again with resume=True in the config"
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
@@ -1257,15 +1298,16 @@ def train_step(model_fn, model, diffusion, x0, y, cfg, dtype):
 def rng_states(device: torch.device) -> dict:
     """The global random number generators the loop draws t, ε and label dropout from: the CPU's, and the GPU's."""
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "mps": torch.mps.get_rng_state() if device.type == "mps" else None}
 
 
 def set_rng_states(states: dict, device: torch.device) -> None:
-    """Restores what rng_states saved (a checkpoint from another kind of device restores the CPU's only)."""
+    """Restores what rng_states saved (a checkpoint from another kind of device restores the CPU's only). On CUDA the
+    state goes to the training device, whichever index it has now (a resumed job may land on another GPU)."""
     torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if device.type == "cuda" and states.get("cuda") is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
     if device.type == "mps" and states.get("mps") is not None:
         torch.mps.set_rng_state(states["mps"])
 
@@ -1308,6 +1350,7 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
 
 def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop):
     """The body of train(), run while holding the out-dir's lock and the signal handlers."""
+    check_out_dir(cfg)  # again, now that no other run can change the folder: one may have finished in it meanwhile
     for leftover in out_dir.glob(".*.tmp-*"):  # halves of files whose writer was killed
         leftover.unlink()
     if cfg.overwrite:
@@ -1350,13 +1393,14 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
     metrics = MetricsLog(out_dir / "metrics.csv", step)
 
     def checkpoint():
-        metrics.sync()
+        metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
         return save_checkpoint({
             "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
             "config": asdict(cfg), "config_class": type(cfg).__name__, "data_info": data.info(),
             "model": model.state_dict(), "ema": ema.model.state_dict(),
             "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "data_order": order.state_dict(),
             "rng": rng_states(device),
+            # The half-finished log window too, so that the next log row after a resume averages the same steps.
             "loop": [loss_sum, loss_count, bad_streak, skipped],
         }, out_dir, cfg.keep_ckpts)
 
@@ -1376,7 +1420,7 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
             optimizer.step()
             ema.update(step)
             loss_sum, loss_count, bad_streak = loss_sum + loss_value, loss_count + 1, 0
-        else:  # skip the update; the data and the RNGs move on as if it had happened
+        else:  # skip the update; the data and the RNGs move on as if it had happened, so resume stays exact
             bad_streak, skipped = bad_streak + 1, skipped + 1
             print(f"warning: step {step + 1}: loss {loss_value}, gradient norm {norm_value}; update skipped "
                   f"({bad_streak} in a row)", file=sys.stderr)
@@ -1400,6 +1444,8 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
             metrics.append(step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", skipped)
             loss_sum, loss_count = 0.0, 0
             tic, window_steps = time.perf_counter(), 0
+        # Pictures come from the EMA weights, the ones a user samples from at the end; the EMA model is in eval mode,
+        # so dropout is off there while the training model keeps it.
         if on_snapshot is not None and cfg.sample_every and step % cfg.sample_every == 0:
             on_snapshot(ema.model, step)
             tic, window_steps = time.perf_counter(), 0  # sampling time is not training speed
@@ -1421,6 +1467,8 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     matmuls and convolutions, which are nearly all of it). Returns the figures as a dict.
     """
     from torch.utils.flop_counter import FlopCounterMode
+    # The same set-up as _train_loop (layout, device-resident data, optimizer, amp, compile), without checkpoints:
+    # the figures are those of a real training step.
     device = choose_device(cfg.device)
     images = data.x.dim() == 4 and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if images else torch.preserve_format).train()
@@ -1438,11 +1486,15 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # FLOPs on the eager model: the counter sees each matmul and convolution of the forward and backward pass.
     with FlopCounterMode(display=False) as counter:
         one_step(model)
     flops_per_image = counter.get_total_flops() / cfg.batch_size
+    # Warm-up steps are not timed: they include torch.compile's compilation and cuDNN's search for the fastest
+    # convolution algorithms (cudnn.benchmark), both paid once per run.
     for _ in range(warmup):
         one_step(model_fn)
+    # GPU kernels run asynchronously: wait for them before reading the clock, or the time would be the launch time.
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1481,6 +1533,7 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         cfg = parse_config(config_cls, argv)
     except SystemExit as e:  # argparse: --help (0) or a malformed command line (2), already printed
         return e.code if isinstance(e.code, int) else 2
+    # Everything the user can fix arrives here as a UserError with one line; only a bug leaves a traceback.
     try:
         cfg.check()
         main(cfg)
@@ -1491,7 +1544,9 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         print(e, file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C outside it
-        print("aborted; the last checkpoint written is intact (resume with --resume)", file=sys.stderr)
+        saved = find_checkpoints(cfg.out_dir)
+        print("aborted; " + (f"the last checkpoint written, {saved[0]}, is intact (resume with --resume)" if saved
+                             else "no checkpoint was written"), file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -1566,6 +1621,8 @@ def load_image_folder(cfg: ImageConfig) -> Data:
     root = Path(cfg.data)
     if not root.is_dir():
         raise UserError(f"--data {root}: no such folder; give a folder with one sub-folder of images per class")
+    # Every file becomes the same shape: any mode (palette, RGBA, greyscale) converted to the channels asked for;
+    # the short side scaled to the target and the middle cut out, so no image is stretched.
     to_tensor = transforms.Compose([
         partial(Image.Image.convert, mode="L" if cfg.channels == 1 else "RGB"),
         transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size), transforms.PILToTensor()])
@@ -1619,6 +1676,8 @@ def generate_images(diffusion, model, cfg, y, shape, generator, return_trajector
     Returns: (N, C, H, W) on the CPU in [−1, 1]; with return_trajectory also (steps + 1, N, C, H, W).
     """
     device = diffusion.betas.device
+    # In chunks of the training batch size: it is known to fit in memory (guidance doubles each chunk inside the
+    # sampler, and sampling keeps no activations for a backward pass, so it fits).
     results = [draw(diffusion, model, cfg, (len(chunk), *shape), y=chunk.to(device), generator=generator,
                     clip_x0=True, return_trajectory=return_trajectory)
                for chunk in y.split(cfg.batch_size)]
@@ -1687,6 +1746,8 @@ def dump_samples(diffusion, model, cfg, class_names, folder: Path) -> None:
     y = torch.arange(cfg.dump_samples) % len(class_names)
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     shape, done = model_input_shape(model, cfg), 0
+    # One batch at a time, written as it comes: 50,000 samples never sit in memory together, and an interrupted
+    # dump keeps the files written so far.
     for chunk in y.split(max(cfg.batch_size, 1)):
         images = generate_images(diffusion, model, cfg, chunk, shape, generator)
         for image, label in zip(images, chunk.tolist()):
@@ -1713,7 +1774,7 @@ def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
     """
     device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
     diffusion = Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond).to(device)
-    if cfg.bench:
+    if cfg.bench:  # random pixels: the speed of a step does not depend on what the images show
         x = torch.randint(0, 256, (max(4 * cfg.batch_size, 256), cfg.channels, cfg.image_size, cfg.image_size),
                           dtype=torch.uint8)
         data = Data(x, torch.randint(0, 10, (len(x),)), tuple(str(i) for i in range(10)), cfg.hflip)
@@ -1729,6 +1790,8 @@ def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
     else:
         check_out_dir(cfg)  # refuse a wrong --resume or --overwrite now, not after loading the data
         data = load_image_folder(cfg) if cfg.data else load_builtin(cfg)
+        # The config records the side the model was trained on (a built-in data set fixes it whatever --image-size
+        # said), so that --sample-only later draws images of that size.
         cfg = dataclasses.replace(cfg, image_size=data.x.shape[-1])
         class_names = data.class_names
         labels = labels_to_draw(cfg.label, class_names)
