@@ -667,8 +667,8 @@ class TrainConfig:
     errors the command line gives. The whole config is saved in every checkpoint; guard_resume compares against it.
     """
     out_dir: str = "runs/default"   # folder for checkpoints, metrics.csv and pictures
-    resume: bool = False            # continue the run saved in --out-dir
-    overwrite: bool = False         # start afresh in an --out-dir that holds a checkpoint (its checkpoints are deleted)
+    resume: bool = False            # continue the run in --out-dir with its saved settings (give only what changes)
+    overwrite: bool = False         # start afresh over a checkpoint (deletes checkpoints and metrics.csv, not pictures)
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     seed: int = 0                   # seeds the weights, the noise and the data order
     num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]
@@ -725,6 +725,8 @@ class TrainConfig:
             raise UserError(f"--sample-steps {self.sample_steps} exceeds --num-timesteps {self.num_timesteps}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
+        if not self.out_dir.strip():
+            raise UserError("--out-dir is empty; name a folder for the run")
 
 
 def config_help(cls) -> dict:
@@ -746,26 +748,55 @@ class _OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_config(cls, argv=None):
-    """Builds the command line from a config dataclass and returns cls(**parsed arguments).
+def parse_given(cls, argv=None) -> dict:
+    """The settings given on the command line, as {field: value}, built from a config dataclass; fields not given
+    are left out (so that --resume and --sample-only can take them from the run's checkpoint).
 
-    Every field becomes --field-name with its default; booleans become --flag/--no-flag. Exits with status 2 and one
-    line on an unknown flag or a value of the wrong type.
+    Every field becomes --field-name; booleans become --flag/--no-flag; --help shows each one's help text and default.
+    Exits with status 2 and one line on an unknown flag or a value of the wrong type.
     """
     # The dataclass is the single source of truth: the names, types and defaults of the flags are read from its
     # fields, so a new setting is one line in a config class and appears on the command line and in --help at once.
     parser = _OneLineArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0],
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # "(default: …)"
+                                    argument_default=argparse.SUPPRESS)  # absent flags stay absent
     helps = config_help(cls)
     for f in fields(cls):
-        kwargs = dict(default=f.default, help=helps.get(f.name, f.name))
+        text = helps.get(f.name, f.name).replace("%", "%%")  # argparse %-formats help texts: "40 %" would break it
+        if "default" not in text:
+            text += f" (default: {f.default if f.default != '' else 'none'})"
+        kwargs = dict(help=text)
         if isinstance(f.default, bool):
             # --flag / --no-flag: a bool is never parsed from text (bool("False") is True).
             kwargs["action"] = argparse.BooleanOptionalAction
         else:  # the default's type parses the text: "3e-4" → float, "64" → int
-            kwargs.update(type=type(f.default), choices=cls.CHOICES.get(f.name), metavar=type(f.default).__name__.upper())
+            choices = cls.CHOICES.get(f.name)
+            kwargs.update(type=type(f.default), choices=choices,
+                          metavar=None if choices else type(f.default).__name__.upper())  # None: {a,b,c}
         parser.add_argument(flag(f.name), **kwargs)
-    return cls(**vars(parser.parse_args(argv)))
+    return vars(parser.parse_args(argv))
+
+
+def parse_config(cls, argv=None):
+    """cls(**settings given on the command line), the dataclass's defaults for the rest (see parse_given)."""
+    return cls(**parse_given(cls, argv))
+
+
+def with_saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """For --resume and --sample-only: the settings the run in cfg.out_dir was trained with, and the flags given now
+    on top of them, so that `--resume` alone continues a run however it was started.
+
+    The config is read from the newest checkpoint that opens (mmap: the tensors are not read; load_checkpoint checks
+    the whole file later). A given flag that may not change (the model, the data) is refused then by guard_resume.
+    Without a readable checkpoint, cfg is returned as it is and the caller reports what is missing.
+    """
+    names = {f.name for f in fields(cfg)}
+    for path in find_checkpoints(cfg.out_dir):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        except Exception:  # unreadable: the full load falls back past it, or says what is wrong
+            continue
+        return type(cfg)(**{**{k: v for k, v in saved.items() if k in names}, **given})
+    return cfg
 
 
 _devices_announced = set()  # choose_device is called by train, benchmark and the scripts: print the device once
@@ -1088,25 +1119,24 @@ def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
     if state.get("config_class") != type(cfg).__name__:
         diffs.insert(0, f"script config (checkpoint {state.get('config_class')}, now {type(cfg).__name__})")
     if diffs:
-        raise UserError(f"{path} was trained with a different configuration: {'; '.join(diffs)}. Resume with the "
-                        f"checkpoint's settings, or train afresh with a new --out-dir or --overwrite")
+        raise UserError(f"{path} was trained with a different configuration: {'; '.join(diffs)}. Leave those flags "
+                        f"out to use the checkpoint's settings, or train afresh with a new --out-dir or --overwrite")
 
 
 def load_for_sampling(cfg: TrainConfig):
-    """For --sample-only: (the config the checkpoint was trained with, the checkpoint). The fields a resume may change
-    (sampler, guidance, num_samples, device, …) are taken from cfg, all others from the checkpoint."""
+    """For --sample-only: (cfg, the newest usable checkpoint in cfg.out_dir).
+
+    cfg must agree with the checkpoint on everything but the fields a resume may change (sampler, guidance,
+    num_samples, device, …): the command line gets there through with_saved_settings, and a model setting given
+    anew (another T, another width) is refused rather than silently ignored.
+    """
     if not find_checkpoints(cfg.out_dir):
         raise UserError(f"--sample-only: no checkpoint in {cfg.out_dir}; train first, or point --out-dir at a run")
     state, path = load_latest_checkpoint(cfg.out_dir)
-    if state.get("config_class") != type(cfg).__name__:
-        raise UserError(f"{path} was written by another script ({state.get('config_class')}); sample it with that one")
-    saved = state["config"]
-    merged = {f.name: getattr(cfg, f.name) if f.name in cfg.RESUMABLE else saved.get(f.name, getattr(cfg, f.name))
-              for f in fields(cfg)}
-    cfg = type(cfg)(**merged)
+    guard_resume(state, cfg, state["data_info"], path)
     if cfg.sampler == "ddim" and cfg.sample_steps > cfg.num_timesteps:
         raise UserError(f"--sample-steps {cfg.sample_steps} exceeds the {cfg.num_timesteps} timesteps this model was "
-                        f"trained with")
+                        f"trained with; give at most {cfg.num_timesteps}")
     return cfg, state
 
 
@@ -1390,6 +1420,11 @@ def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
         step = state["step"]
         loss_sum, loss_count, bad_streak, skipped = state["loop"]
         print(f"resuming from {path} at step {step}")
+    if step >= cfg.steps:
+        print(f"nothing to train: the checkpoint is at step {step}, and --steps is {cfg.steps}")
+    elif cfg.warmup > cfg.steps:
+        print(f"warning: --warmup {cfg.warmup} is longer than the run (--steps {cfg.steps}): the learning rate never "
+              f"reaches --lr {cfg.lr}; lower --warmup for a short run", file=sys.stderr)
     metrics = MetricsLog(out_dir / "metrics.csv", step)
 
     def checkpoint():
@@ -1530,11 +1565,14 @@ def cli(config_cls, main: Callable, argv=None) -> int:
     143 for SIGTERM) when stopped by a signal: after the first, with a checkpoint of the step reached (the printed
     command resumes it); after a second one, at once, with the last checkpoint written before intact."""
     try:
-        cfg = parse_config(config_cls, argv)
+        given = parse_given(config_cls, argv)
     except SystemExit as e:  # argparse: --help (0) or a malformed command line (2), already printed
         return e.code if isinstance(e.code, int) else 2
+    cfg = config_cls(**given)
     # Everything the user can fix arrives here as a UserError with one line; only a bug leaves a traceback.
     try:
+        if cfg.resume or cfg.sample_only:
+            cfg = with_saved_settings(cfg, given)
         cfg.check()
         main(cfg)
     except UserError as e:
@@ -1603,8 +1641,10 @@ class ImageConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        if self.image_size < 1 or self.dump_samples < 0:
-            raise UserError("--image-size must be positive and --dump-samples at least 0")
+        if self.image_size < 1:
+            raise UserError(f"--image-size must be at least 1, got {self.image_size}")
+        if self.dump_samples < 0:
+            raise UserError(f"--dump-samples must be at least 0, got {self.dump_samples}")
 
 
 def load_image_folder(cfg: ImageConfig) -> Data:
@@ -1636,18 +1676,37 @@ def load_image_folder(cfg: ImageConfig) -> Data:
     try:
         batches = list(torch.utils.data.DataLoader(folder, batch_size=500, num_workers=workers))
     except OSError as e:  # PIL raises OSError subclasses for files that are not images
-        raise UserError(f"--data {root}: cannot read an image ({one_line(e)}); remove or fix that file") from None
+        bad = next((p for p, _ in folder.samples if not _image_opens(p)), "one of the files")
+        raise UserError(f"--data {root}: cannot read {bad} ({one_line(e)}); remove or fix that file") from None
     print(f"data: {len(folder):,} images of {len(folder.classes)} classes from {root}")
     return Data(x=torch.cat([b[0] for b in batches]), y=torch.cat([b[1] for b in batches]),
                 class_names=tuple(folder.classes), hflip=cfg.hflip)
 
 
+def _image_opens(path) -> bool:
+    """Whether PIL can decode the whole file (used only to name the culprit after a failure)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except OSError:
+        return False
+
+
 def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str):
     """The training split of a torchvision data set (MNIST, CIFAR10, ...), downloaded into cfg.data_dir unless it is
-    there already. Offline, a UserError says which files to put where (offline_files) instead of a traceback."""
+    there already. Offline, a UserError says which files to put where (offline_files) instead of a traceback, and
+    the empty folders the attempt created are removed again."""
+    root = Path(cfg.data_dir)
+    folders_before = {root, *(p for p in root.rglob("*") if p.is_dir())} if root.exists() else set()
     try:
         dataset = dataset_cls(cfg.data_dir, train=True, download=True)
     except (OSError, RuntimeError) as e:  # offline: URLError (an OSError) or torchvision's RuntimeError
+        created = [p for p in [root, *root.rglob("*")] if p.is_dir() and p not in folders_before]
+        for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first
+            if not any(folder.iterdir()):
+                folder.rmdir()
         raise UserError(f"could not download {dataset_cls.__name__} into {cfg.data_dir} ({one_line(e)}); without "
                         f"network, put {offline_files} and rerun, or train on your own images with --data FOLDER") from None
     print(f"data: {len(dataset):,} {dataset_cls.__name__} training images from {cfg.data_dir}")
@@ -1736,14 +1795,17 @@ def save_reverse_picture(diffusion, model, cfg, class_names, labels, path: Path,
     save_image_grid(images, frames, path, [class_names[i] for i in y.tolist()], "reverse process: x_T → x_0")
 
 
-def dump_samples(diffusion, model, cfg, class_names, folder: Path) -> None:
+def dump_samples(diffusion, model, cfg, class_names, labels, folder: Path) -> None:
     """Writes cfg.dump_samples single PNGs into folder, named <index>_<class>.png, for FID tools.
 
-    Labels go round the classes in turn, so every class gets the same share (±1) of the images.
+    Labels go round the requested classes in turn, so every class gets the same share (±1) of the images. The folder
+    must be new or empty: samples of two runs mixed in one folder would give a meaningless FID.
     """
     from torchvision.utils import save_image
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"--dump-dir {folder} is not empty; give a new folder (or empty this one)")
     folder.mkdir(parents=True, exist_ok=True)
-    y = torch.arange(cfg.dump_samples) % len(class_names)
+    y = torch.tensor(labels)[torch.arange(cfg.dump_samples) % len(labels)]
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     shape, done = model_input_shape(model, cfg), 0
     # One batch at a time, written as it comes: 50,000 samples never sit in memory together, and an interrupted
@@ -1773,6 +1835,7 @@ def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
     write samples.png (one row per class), reverse.png, loss.png and, with --dump-samples, single PNGs.
     """
     device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
+    # With --sample-only, cfg already holds the checkpoint's T and schedule (with_saved_settings, load_for_sampling).
     diffusion = Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond).to(device)
     if cfg.bench:  # random pixels: the speed of a step does not depend on what the images show
         x = torch.randint(0, 256, (max(4 * cfg.batch_size, 256), cfg.channels, cfg.image_size, cfg.image_size),
@@ -1811,4 +1874,4 @@ def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
     save_reverse_picture(diffusion, model, cfg, class_names, labels, out_dir / "reverse.png")
     print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'reverse.png'} ({time.perf_counter() - tic:.0f} s)")
     if cfg.dump_samples:
-        dump_samples(diffusion, model, cfg, class_names, Path(cfg.dump_dir or out_dir / "dump"))
+        dump_samples(diffusion, model, cfg, class_names, labels, Path(cfg.dump_dir or out_dir / "dump"))

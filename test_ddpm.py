@@ -681,6 +681,30 @@ def test_a_file_system_without_locks_warns_and_trains(tmp_path, monkeypatch, cap
     assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
 
 
+@pytest.mark.parametrize("script", [train_moons, train_mnist, train_cifar])
+def test_every_script_prints_its_help(script, capsys):
+    """--help works for each script (help texts may contain "%", which argparse would take for a format), shows
+    every flag with its default, and lists the choices of a field that has them."""
+    config = {train_moons: train_moons.MoonsConfig, train_mnist: train_mnist.MnistConfig,
+              train_cifar: train_cifar.CifarConfig}[script]
+    assert ddpm.cli(config, script.main, ["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(ddpm.flag(f.name) in text for f in ddpm.fields(config))
+    assert f"(default: {config.steps})" in text and "{linear,cosine}" in text
+    if script is not train_moons:
+        assert "{tiny,mnist,small,base,large}" in text
+
+
+def test_short_runs_warn_about_warmup_and_finished_runs_say_so(tmp_path, capsys):
+    """A run shorter than its warm-up says the learning rate never reaches --lr; resuming a run that is already at
+    --steps says there is nothing to train (and trains nothing)."""
+    tiny_run(tmp_path, steps=4, warmup=10)
+    assert "--warmup 10 is longer than the run (--steps 4)" in capsys.readouterr().err
+    tiny_run(tmp_path, steps=3, warmup=10, resume=True)
+    assert "nothing to train: the checkpoint is at step 4" in capsys.readouterr().out
+    assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 4
+
+
 def test_config_checks_and_command_line(capsys):
     """Impossible settings are UserErrors naming the flag; the command line has every field with its default and
     help text, booleans as --flag/--no-flag, and a bad flag is one line with exit status 2."""
@@ -763,7 +787,8 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path,
     assert f"at step {step}/" in output and f"checkpoint saved to {tmp_path / 'ckpt.pt'}" in output
     assert "resume with: python" in output and output.rstrip().endswith("--resume")
     assert 0 < step < 10**6 and int(metric_rows(tmp_path)[-1][0]) <= step
-    done = subprocess.run(moons_args(tmp_path, step + 30, "--resume"), capture_output=True, text=True, cwd=HERE)
+    only = [sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(tmp_path), "--steps", str(step + 30)]
+    done = subprocess.run(only + ["--resume"], capture_output=True, text=True, cwd=HERE)  # settings from the run
     assert done.returncode == 0, done.stdout + done.stderr
     assert ddpm.load_checkpoint(tmp_path / "ckpt.pt")["step"] == step + 30
 
@@ -893,9 +918,10 @@ def make_image_folder(root, classes=("circle", "square", "stripe"), per_class=5,
 
 
 @pytest.mark.parametrize("script", [train_mnist, train_cifar])
-def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script):
+def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script, monkeypatch, capsys):
     """Each image script on an ImageFolder: trains (class grids every N steps, final grid, reverse picture, loss
-    plot), resumes, samples one class with --sample-only, and dumps class-balanced single PNGs."""
+    plot); resumes and samples with only --out-dir given (data, model and T come from the checkpoint); samples one
+    class with --sample-only and dumps single PNGs of the requested classes, class-balanced, into a new folder."""
     config = script.MnistConfig if script is train_mnist else script.CifarConfig
     folder, out, dump = make_image_folder(tmp_path / "images"), tmp_path / "run", tmp_path / "dump"
     common = ["--data", str(folder), "--out-dir", str(out), "--model", "tiny", "--image-size", "16",
@@ -910,13 +936,17 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script):
     assert state["data_info"]["shape"] == [channels, 16, 16]
     assert state["data_info"]["class_names"] == ["circle", "square", "stripe"]
 
-    assert ddpm.cli(config, script.main, common + ["--steps", "8", "--resume"]) == 0
+    assert ddpm.cli(config, script.main, ["--out-dir", str(out), "--steps", "8", "--resume"]) == 0
     assert ddpm.load_checkpoint(out / "ckpt.pt")["step"] == 8
+    assert ddpm.cli(config, script.main, ["--out-dir", str(out), "--resume", "--model", "small"]) == 1
+    assert "different configuration: --model (checkpoint 'tiny', now 'small')" in capsys.readouterr().err
 
     before = (out / "ckpt.pt").read_bytes()
-    args = common + ["--sample-only", "--label", "square", "--guidance", "3", "--dump-samples", "7",
-                     "--dump-dir", str(dump)]
+    timesteps_used, real_draw = [], ddpm.draw
+    monkeypatch.setattr(ddpm, "draw", lambda d, *a, **k: timesteps_used.append(d.num_timesteps) or real_draw(d, *a, **k))
+    args = ["--out-dir", str(out), "--sample-only", "--label", "all", "--dump-samples", "7", "--dump-dir", str(dump)]
     assert ddpm.cli(config, script.main, args) == 0
+    assert set(timesteps_used) == {20}  # the checkpoint's T, not the script's default 1000
     assert (out / "ckpt.pt").read_bytes() == before
     names = sorted(p.name for p in dump.iterdir())
     assert len(names) == 7 and sum(n.endswith("_circle.png") for n in names) == 3
@@ -924,6 +954,11 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script):
     from PIL import Image
     image = Image.open(dump / names[0])
     assert image.size == (16, 16)
+    args = ["--out-dir", str(out), "--sample-only", "--label", "square", "--guidance", "3", "--dump-samples", "3",
+            "--dump-dir", str(dump)]
+    assert ddpm.cli(config, script.main, args) == 1 and "is not empty" in capsys.readouterr().err
+    assert ddpm.cli(config, script.main, args[:-1] + [str(tmp_path / "squares")]) == 0
+    assert sorted(p.name for p in (tmp_path / "squares").iterdir()) == [f"00000{i}_square.png" for i in range(3)]
 
 
 @pytest.mark.parametrize("script", [train_mnist, train_cifar])
@@ -943,13 +978,17 @@ def test_offline_download_is_a_one_line_error(tmp_path, script, monkeypatch, cap
     err = capsys.readouterr().err
     expected = "MNIST/raw/" if script is train_mnist else "cifar-10-python.tar.gz"
     assert err.count("\n") == 1 and "could not download" in err and expected in err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # its empty folders removed
 
 
 def test_image_folder_errors(tmp_path, capsys):
-    """--data pointing at a missing folder, or a folder without images: one line each, status 1."""
+    """--data pointing at a missing folder, a folder without images, or a folder with a broken image: one line
+    each, naming the broken file, status 1."""
     (tmp_path / "empty").mkdir()
-    for folder, message in [(tmp_path / "missing", "no such folder"), (tmp_path / "empty", "no images found")]:
+    broken = make_image_folder(tmp_path / "broken")
+    (broken / "square" / "2.png").write_bytes((broken / "square" / "2.png").read_bytes()[:60])
+    for folder, message in [(tmp_path / "missing", "no such folder"), (tmp_path / "empty", "no images found"),
+                            (broken, f"cannot read {broken / 'square' / '2.png'}")]:
         args = ["--data", str(folder), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
         assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, args) == 1
         err = capsys.readouterr().err

@@ -43,9 +43,9 @@ class MoonsConfig(ddpm.TrainConfig):
 
     def check(self) -> None:
         super().check()
-        if self.num_points < 2 or self.hidden < 1 or self.depth < 0 or self.noise < 0:
-            raise ddpm.UserError("--num-points must be at least 2 (to standardise the data), --hidden at least 1, "
-                                 "--depth and --noise at least 0")
+        for name, low in (("num_points", 2), ("hidden", 1), ("depth", 0), ("noise", 0)):  # 2 points: a std exists
+            if getattr(self, name) < low:
+                raise ddpm.UserError(f"{ddpm.flag(name)} must be at least {low}, got {getattr(self, name)}")
 
 
 def make_moons(n: int, noise: float, generator: torch.Generator):
