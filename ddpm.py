@@ -795,7 +795,8 @@ def with_saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
         except Exception:  # unreadable: the full load falls back past it, or says what is wrong
             continue
-        return type(cfg)(**{**{k: v for k, v in saved.items() if k in names}, **given})
+        # out_dir stays the folder the checkpoint was read from, wherever the run was first started.
+        return type(cfg)(**{**{k: v for k, v in saved.items() if k in names}, **given, "out_dir": cfg.out_dir})
     return cfg
 
 
@@ -1373,7 +1374,8 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --out-dir {out_dir} ({one_line(e)}); choose a writable folder") from None
+        problem = "it is a file" if out_dir.is_file() else one_line(e)
+        raise UserError(f"cannot create --out-dir {out_dir} ({problem}); choose a writable folder") from None
     with OutDirLock(out_dir), StopOnSignal() as stop:
         return _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
 

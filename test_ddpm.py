@@ -775,6 +775,18 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert [int(s) for s, _ in metric_rows(out)] == list(range(10, steps + 1, 10))
 
 
+def test_resume_alone_continues_a_moved_run_in_its_new_folder(tmp_path, monkeypatch):
+    """A run started with custom settings elsewhere and then moved to the default runs/moons continues there with
+    `--resume --steps N` alone: settings from its checkpoint, files written in the folder it now lives in."""
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path / "first", 40)[2:]) == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "first").rename(tmp_path / "runs" / "moons")
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--resume", "--steps", "60"]) == 0
+    assert ddpm.load_checkpoint(tmp_path / "runs" / "moons" / "ckpt.pt")["step"] == 60
+    assert not (tmp_path / "first").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path, sig):
     """Ctrl-C or SIGTERM finishes the step, writes a checkpoint at the step reached, prints the resume command and
