@@ -762,7 +762,7 @@ def parse_given(cls, argv=None) -> dict:
     helps = config_help(cls)
     for f in fields(cls):
         text = helps.get(f.name, f.name).replace("%", "%%")  # argparse %-formats help texts: "40 %" would break it
-        if "default" not in text:
+        if "(default" not in text:
             text += f" (default: {f.default if f.default != '' else 'none'})"
         kwargs = dict(help=text)
         if isinstance(f.default, bool):
