@@ -840,6 +840,7 @@ def test_a_second_signal_during_the_save_aborts_at_once(tmp_path, monkeypatch, c
     (["--schedule", "quadratic"], 2, "invalid choice: 'quadratic'"),
     (["--resume"], 1, "no checkpoint in"),
     (["--num-points", "0"], 1, "--num-points must be at least 2"),
+    (["--guidance", "3"], 1, "--guidance 3.0 needs --class-cond"),
 ])
 def test_bad_command_lines_exit_with_one_line_and_change_nothing(tmp_path, args, status, message):
     """Bad input in a real process: the documented exit status, one line on stderr naming the problem, no

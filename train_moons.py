@@ -46,6 +46,9 @@ class MoonsConfig(ddpm.TrainConfig):
         for name, low in (("num_points", 2), ("hidden", 1), ("depth", 0), ("noise", 0)):  # 2 points: a std exists
             if getattr(self, name) < low:
                 raise ddpm.UserError(f"{ddpm.flag(name)} must be at least {low}, got {getattr(self, name)}")
+        if self.guidance != 1.0 and not self.class_cond:
+            raise ddpm.UserError(f"--guidance {self.guidance} needs --class-cond: a model without labels has "
+                                 f"nothing to be guided towards")
 
 
 def make_moons(n: int, noise: float, generator: torch.Generator):
