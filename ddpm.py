@@ -781,25 +781,6 @@ def parse_config(cls, argv=None):
     return cls(**parse_given(cls, argv))
 
 
-def with_saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
-    """For --resume and --sample-only: the settings the run in cfg.out_dir was trained with, and the flags given now
-    on top of them, so that `--resume` alone continues a run however it was started.
-
-    The config is read from the newest checkpoint that opens (mmap: the tensors are not read; load_checkpoint checks
-    the whole file later). A given flag that may not change (the model, the data) is refused then by guard_resume.
-    Without a readable checkpoint, cfg is returned as it is and the caller reports what is missing.
-    """
-    names = {f.name for f in fields(cfg)}
-    for path in find_checkpoints(cfg.out_dir):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
-        except Exception:  # unreadable: the full load falls back past it, or says what is wrong
-            continue
-        # out_dir stays the folder the checkpoint was read from, wherever the run was first started.
-        return type(cfg)(**{**{k: v for k, v in saved.items() if k in names}, **given, "out_dir": cfg.out_dir})
-    return cfg
-
-
 _devices_announced = set()  # choose_device is called by train, benchmark and the scripts: print the device once
 
 
@@ -1122,6 +1103,25 @@ def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
     if diffs:
         raise UserError(f"{path} was trained with a different configuration: {'; '.join(diffs)}. Leave those flags "
                         f"out to use the checkpoint's settings, or train afresh with a new --out-dir or --overwrite")
+
+
+def with_saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """For --resume and --sample-only: the settings the run in cfg.out_dir was trained with, and the flags given now
+    on top of them, so that `--resume` alone continues a run however it was started.
+
+    The config is read from the newest checkpoint that opens (mmap: the tensors are not read; load_checkpoint checks
+    the whole file later). A given flag that may not change (the model, the data) is refused then by guard_resume.
+    Without a readable checkpoint, cfg is returned as it is and the caller reports what is missing.
+    """
+    names = {f.name for f in fields(cfg)}
+    for path in find_checkpoints(cfg.out_dir):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        except Exception:  # unreadable: the full load falls back past it, or says what is wrong
+            continue
+        # out_dir stays the folder the checkpoint was read from, wherever the run was first started.
+        return type(cfg)(**{**{k: v for k, v in saved.items() if k in names}, **given, "out_dir": cfg.out_dir})
+    return cfg
 
 
 def load_for_sampling(cfg: TrainConfig):
