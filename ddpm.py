@@ -721,8 +721,12 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, ClassVar, NamedTuple
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. Configuration and the command line
@@ -831,6 +835,10 @@ class TrainConfig:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         if not self.out_dir.strip():
             raise UserError("--out-dir is empty; name a folder for the run")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun
+        if self.batch_size % world and not self.sample_only:
+            raise UserError(f"--batch-size {self.batch_size} is the global batch, shared by {world} processes: "
+                            f"give a multiple of {world}")
 
 
 def config_help(cls) -> dict:
@@ -882,8 +890,49 @@ def parse_config(cls, argv=None):
     return cls(**parse_given(cls, argv))
 
 
+# --- Many GPUs: `torchrun --nproc_per_node=N script.py` runs N copies of a script, one per GPU ---
+# torchrun tells each copy its RANK (0 … WORLD_SIZE − 1 over all machines) and LOCAL_RANK (its GPU on its machine).
+# Each holds the whole model and trains on its share of every batch; DistributedDataParallel (DDP) averages their
+# gradients in backward(), so all take the same step. Process 0 alone prints and writes. Without torchrun: unchanged.
+
+def setup_distributed(device_name: str = "auto") -> tuple[int, int]:
+    """Under torchrun, joins the other processes once: NCCL between GPUs, gloo between CPU processes. Returns
+    (rank, world size), (0, 1) for a plain single process."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cuda = torch.cuda.is_available() and device_name.split(":")[0] in ("auto", "cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # A process that dies closes its connections: the others fail at their next exchange, in seconds. The timeout
+        # is for one hung alive; it must outlast the longest wait for process 0 alone (pictures, checkpoint, download).
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # progress from process 0 alone; errors (stderr) from any process
+    return process_rank()
+
+
+def process_rank() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def on_rank_0(fn: Callable):
+    """fn() on process 0 alone, while the others wait for its verdict (a barrier): its UserError, raised on every
+    process, or its return value (None on the others)."""
+    try:
+        result, error = (fn() if process_rank()[0] == 0 else None), None
+    except UserError as e:
+        result, error = None, e
+    if process_rank()[1] > 1:
+        verdict = [error and str(error)]
+        dist.broadcast_object_list(verdict, src=0)
+        error = error or (verdict[0] and UserError(verdict[0]))
+    if error:
+        raise error
+    return result
+
+
 def choose_device(name: str = "auto") -> torch.device:
-    """"auto" → cuda, then mps, then cpu; any other name is checked. On CUDA it enables TF32 matmuls.
+    """"auto" → cuda, then mps, then cpu; any other name is checked. On CUDA it enables TF32 matmuls. Under torchrun
+    "cuda" is this process's GPU, cuda:LOCAL_RANK.
 
     Each path through a script calls it once (train, benchmark or the sampling code), so the device prints once.
     """
@@ -896,6 +945,8 @@ def choose_device(name: str = "auto") -> torch.device:
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         raise UserError(f"--device {name}: not available on this machine; use --device auto or --device cpu")
+    if setup_distributed(name)[1] > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")     # TF32 tensor cores for float32 matmuls (cuDNN convolutions
         torch.backends.cudnn.benchmark = True          # use TF32 by default); pick the fastest kernels for our shapes
@@ -1320,6 +1371,8 @@ class StopOnSignal:
         if self.signum is not None:
             raise AbortedBySignal(signum)
         self.signum = signum
+        if process_rank()[0] > 0:  # under torchrun every process gets the signal; process 0 speaks for all
+            return
         # os.write, not print: the signal may arrive while the main code is inside print, which is not reentrant.
         os.write(2, f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
                     f"(send it again to abort at once)\n".encode())
@@ -1367,7 +1420,10 @@ def resume_command() -> str:
     if not sys.argv or not sys.argv[0].endswith(".py"):
         return "call train() again with resume=True in the config"
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
-    return " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *args, "--resume"])
+    world, local = process_rank()[1], os.environ.get("LOCAL_WORLD_SIZE")  # torchrun's processes: all, this machine's
+    launcher = ("python" if world == 1 else f"torchrun --standalone --nproc_per_node={local}" if str(world) == local
+                else "torchrun <your torchrun options>")
+    return " ".join([launcher, *(shlex.quote(a) for a in [sys.argv[0], *args, "--resume"])])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1402,17 +1458,28 @@ class LoopCounters:
 class GlobalRNG:
     """The global generators that Diffusion.loss draws t, ε and label dropout from: the CPU's, and the training
     GPU's, as one state_dict / load_state_dict pair for the inventory. A checkpoint from another kind of device
-    restores the CPU's only; on CUDA the state goes to the training device, whichever index it has now."""
+    restores the CPU's only; on CUDA the state goes to the training device, whichever index it has now. Under
+    torchrun each process has its own (seeded by Trainer); process 0's are saved as above, the others' in a list."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.rank, self.world = process_rank()
 
     def state_dict(self) -> dict:
-        return {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "mps": torch.mps.get_rng_state() if self.device.type == "mps" else None}
+        state = {"torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                 "mps": torch.mps.get_rng_state() if self.device.type == "mps" else None}
+        if self.world > 1:  # a collective: process 0 gets every process's state
+            states = [None] * self.world
+            dist.all_gather_object(states, state)
+            state = {**states[0], "other_ranks": states[1:]}
+        return state
 
     def load_state_dict(self, states: dict) -> None:
+        states = [states, *states.get("other_ranks", [])]  # process r takes what process r saved
+        if self.rank >= len(states):  # a process the saving run lacked keeps its fresh seed: valid, but not exact
+            return
+        states = states[self.rank]
         torch.set_rng_state(states["torch"])
         if self.device.type == "cuda" and states.get("cuda") is not None:
             torch.cuda.set_rng_state(states["cuda"], self.device)
@@ -1425,11 +1492,17 @@ class Trainer:
     the very same step."""
 
     def __init__(self, model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, device: torch.device):
-        torch.manual_seed(cfg.seed)
+        self.rank, self.world = process_rank()
+        torch.manual_seed(cfg.seed + self.rank * 2**32)  # t and ε: process r's own stream; process 0's as ever
         self.cfg, self.device = cfg, device
         self.channels_last = data.x.dim() == 4 and device.type == "cuda"  # NHWC: what tensor-core convolutions want
         self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else
                               torch.preserve_format).train()
+        # DDP copies process 0's weights to all (before the EMA copies them) and averages the W gradients in
+        # backward(). Each process's L_simple is a mean over B/W examples, so their average is the gradient of the
+        # mean over all B: what one process computes on the whole batch. Checkpoints hold the plain `model`.
+        self.ddp = self.model if self.world == 1 else DistributedDataParallel(
+            self.model, device_ids=[device] if device.type == "cuda" else None)
         self.data, self.diffusion = data.to(device), diffusion.to(device)
         self.ema = EMA(self.model, cfg.ema_decay)
         # AdamW; on CUDA its fused kernel updates all parameters in a few launches.
@@ -1440,7 +1513,7 @@ class Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: min(1.0, (n + 1) / max(1, cfg.warmup)))
         self.order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
         self.rng, self.counters = GlobalRNG(device), LoopCounters()
-        self.model_fn = torch.compile(self.model) if cfg.compile else self.model  # `model` keeps the plain weights
+        self.model_fn = torch.compile(self.ddp) if cfg.compile else self.ddp  # `model` keeps the plain weights
         self.amp = amp_dtype(cfg, device)
 
     def inventory(self) -> dict:
@@ -1458,25 +1531,39 @@ class Trainer:
         for name, part in self.inventory().items():
             part.load_state_dict(state[name])
 
-    def step(self) -> float:
+    def step(self, signum: int | None = None) -> float:
         """One step of [DDPM Alg. 1] on the next batch: train_step, then the update and the EMA if the loss and the
-        gradient are finite (else the update is skipped and counted). Returns the loss."""
+        gradient are finite (else the update is skipped and counted). Returns the loss. signum: the signal this
+        process got, if any; under torchrun, stop_signal is then the one any process got."""
         cfg, c = self.cfg, self.counters
-        idx, flip = self.order.next()
+        # Under torchrun all processes draw the same batch of B from identical BatchOrders, and process r trains on
+        # slice r of it (flips included): the examples a step sees do not depend on the number of processes W.
+        idx, flip = (t.view(self.world, -1)[self.rank] for t in self.order.next())
         x0, y = self.data.batch(idx.to(self.device), flip.to(self.device))
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         loss, grad_norm = train_step(self.model_fn, self.diffusion, x0, y, cfg.grad_clip, self.amp)
         # The one wait for the device per step: whether to update depends on the loss and gradient being finite.
-        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        values = torch.stack([loss.detach().float(), grad_norm.float()])
+        if self.world > 1:
+            # The same wait carries one all-reduce (a sum) of what all must agree on: the loss (/ W: the mean), the
+            # gradient norm (equal on all after DDP: a NaN anywhere skips the step everywhere), and per signal how
+            # many processes got it, so that all stop after the same step.
+            sent = [float(signum == s) for s in (signal.SIGINT, signal.SIGTERM)]
+            values = torch.cat([values, torch.tensor(sent, device=values.device)])
+            dist.all_reduce(values)
+            values[:2] /= self.world
+        loss_value, norm_value, *sent = values.tolist()
+        self.stop_signal = next((s for s, n in zip((signal.SIGINT, signal.SIGTERM), sent) if n), None)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.optimizer.step()
             self.ema.update(c.step)
             c.loss_sum, c.loss_count, c.bad_streak = c.loss_sum + loss_value, c.loss_count + 1, 0
         else:  # skip the update; the data and the RNGs move on as if it had happened, so resume stays exact
             c.bad_streak, c.skipped = c.bad_streak + 1, c.skipped + 1
-            print(f"warning: step {c.step + 1}: loss {loss_value}, gradient norm {norm_value}; update skipped "
-                  f"({c.bad_streak} in a row)", file=sys.stderr)
+            if self.rank == 0:
+                print(f"warning: step {c.step + 1}: loss {loss_value}, gradient norm {norm_value}; update skipped "
+                      f"({c.bad_streak} in a row)", file=sys.stderr)
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         c.step += 1
@@ -1514,47 +1601,56 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
     if len(data.x) == 0:
         raise UserError("the training set is empty; give it at least one example")
     device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
-    check_out_dir(cfg)  # decide what this run is before touching the disk: a refused run changes nothing
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        problem = "it is a file" if out_dir.is_file() else one_line(e)
-        raise UserError(f"cannot create --out-dir {out_dir} ({problem}); choose a writable folder") from None
-    with OutDirLock(out_dir), StopOnSignal() as stop:
+
+    def claim():  # under torchrun, process 0's alone (on_rank_0)
+        nonlocal ckpt
+        check_out_dir(cfg)  # decide what this run is before touching the disk: a refused run changes nothing
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problem = "it is a file" if out_dir.is_file() else one_line(e)
+            raise UserError(f"cannot create --out-dir {out_dir} ({problem}); choose a writable folder") from None
+        lock.enter_context(OutDirLock(out_dir))
         check_out_dir(cfg)  # again, now that no other run can change the folder: one may have finished meanwhile
         for leftover in out_dir.glob(".*.tmp-*"):  # halves of files whose writer was killed
             leftover.unlink()
         if cfg.overwrite:
             for old in find_checkpoints(out_dir) + [out_dir / "metrics.csv"]:
                 old.unlink(missing_ok=True)
-        trainer = Trainer(model, diffusion, data, cfg, device)
         if cfg.resume:
             # The checkpoint the caller read, unless another run has written a newer one since.
             newest = find_checkpoints(out_dir)[0]
             if ckpt is None or ckpt.path != newest or newest.stat().st_mtime_ns != ckpt.mtime_ns:
                 ckpt = newest_checkpoint(out_dir)
-            guard_resume(ckpt.state, cfg, trainer.data.info(), ckpt.path)
+            guard_resume(ckpt.state, cfg, data.info(), ckpt.path)
             set_aside_unusable(out_dir, ckpt.path)
-            trainer.restore(ckpt.state)
-            print(f"resuming from {ckpt.path} at step {trainer.counters.step}")
-        return _train_loop(trainer, on_snapshot, out_dir, stop)
+
+    with contextlib.ExitStack() as lock:
+        on_rank_0(claim)  # the others wait, then read the checkpoint process 0 chose: the newest left
+        with StopOnSignal() as stop:
+            trainer = Trainer(model, diffusion, data, cfg, device)
+            if cfg.resume:
+                ckpt = ckpt if trainer.rank == 0 else newest_checkpoint(out_dir)
+                trainer.restore(ckpt.state)
+                print(f"resuming from {ckpt.path} at step {trainer.counters.step}")
+            return _train_loop(trainer, on_snapshot, out_dir, stop)
 
 
 def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal):
     """The loop of train(): a step, then the bookkeeping (log, snapshot, checkpoint, stop), in an order that matters:
     the log row of step n is written before the checkpoint of step n, so a crash between the two re-logs step n after
     resuming, and MetricsLog drops the first copy."""
-    cfg, c = trainer.cfg, trainer.counters
+    cfg, c, main = trainer.cfg, trainer.counters, trainer.rank == 0  # under torchrun, process 0 alone writes
     if c.step >= cfg.steps:
         print(f"nothing to train: the checkpoint is at step {c.step}, and --steps is {cfg.steps}")
-    elif cfg.warmup > cfg.steps:
+    elif cfg.warmup > cfg.steps and main:
         print(f"warning: --warmup {cfg.warmup} is longer than the run (--steps {cfg.steps}): the learning rate never "
               f"reaches --lr {cfg.lr}; lower --warmup for a short run", file=sys.stderr)
-    metrics = MetricsLog(out_dir / "metrics.csv", c.step)
+    metrics = MetricsLog(out_dir / "metrics.csv", c.step) if main else None
     tic, window = time.perf_counter(), 0  # wall time of the steps since the last log line (sampling and saving left out)
     while c.step < cfg.steps:
         lr = trainer.schedule.get_last_lr()[0]  # the rate this step uses
-        trainer.step()
+        trainer.step(stop.signum)
         window += 1
         if c.bad_streak >= cfg.max_bad_steps:
             saved = find_checkpoints(out_dir)
@@ -1567,21 +1663,28 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             eta = int((cfg.steps - c.step) * cfg.batch_size / max(rate, 1e-9))
             print(f"step {c.step}/{cfg.steps} ({100 * c.step // cfg.steps}%) | loss {mean_loss:.4f} | lr {lr:.1e} | "
                   f"{rate:,.0f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
-            metrics.append(c.step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", c.skipped)
+            if main:
+                metrics.append(c.step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", c.skipped)
             c.loss_sum, c.loss_count = 0.0, 0
             tic, window = time.perf_counter(), 0
         # Pictures come from the EMA weights, the ones a user samples from at the end (in eval mode: no dropout).
-        if on_snapshot is not None and cfg.sample_every and c.step % cfg.sample_every == 0:
+        if on_snapshot is not None and cfg.sample_every and c.step % cfg.sample_every == 0 and main:
             on_snapshot(trainer.ema.model, c.step)
             tic, window = time.perf_counter(), 0
-        stopping = stop.signum  # read once: a signal arriving between two reads must not skip the save
+        # Read once: a signal arriving between two reads must not skip the save. Under torchrun: what all agreed on.
+        stopping = stop.signum if trainer.world == 1 else trainer.stop_signal
         if c.step % cfg.ckpt_every == 0 or c.step == cfg.steps or stopping:
-            metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
-            path = save_checkpoint(trainer.state(), out_dir, cfg.keep_ckpts)
+            state = trainer.state()  # under torchrun a collective (GlobalRNG's)
+            if main:
+                metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
+                save_checkpoint(state, out_dir, cfg.keep_ckpts)
             tic, window = time.perf_counter(), 0
         if stopping:
+            if trainer.world > 1:  # none exits before the checkpoint is written, or torchrun would stop process 0
+                dist.barrier()
             raise TrainingInterrupted(f"stopped by {signal.Signals(stopping).name} at step {c.step}/{cfg.steps}; "
-                                      f"checkpoint saved to {path}\nresume with: {resume_command()}", 128 + stopping)
+                                      f"checkpoint saved to {checkpoint_path(out_dir, 0)}\nresume with: "
+                                      f"{resume_command()}", 128 + stopping)
     return trainer.ema.model
 
 
@@ -1611,7 +1714,7 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     for _ in range(steps):
         trainer.step()  # ends by reading the loss, which waits for the GPU: the clock stops on finished work
     seconds = time.perf_counter() - tic
-    img_per_s = steps * cfg.batch_size / seconds
+    img_per_s = steps * cfg.batch_size / seconds  # under torchrun, of all processes: B is the global batch
     if device.type == "cuda":
         peak, where = torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
     else:
@@ -1619,8 +1722,9 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
         peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process"
     tflops = flops_per_image * img_per_s / 1e12
     params = sum(p.numel() for p in model.parameters())
+    per = f" ({img_per_s / trainer.world:,.0f} per {where}, {trainer.world} processes)" if trainer.world > 1 else ""
     print(f"bench: {params / 1e6:.1f}M parameters | batch {cfg.batch_size} | amp {trainer.amp or 'none'} | compile "
-          f"{cfg.compile} | {steps} steps in {seconds:.2f} s | {img_per_s:,.0f} img/s | "
+          f"{cfg.compile} | {steps} steps in {seconds:.2f} s | {img_per_s:,.0f} img/s{per} | "
           f"{flops_per_image / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.1f} TFLOP/s | {peak:.2f} GiB peak {where} memory")
     return {"img_per_s": img_per_s, "flops_per_image": flops_per_image, "tflops": tflops, "peak_gib": peak}
 
@@ -1644,12 +1748,21 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if cfg.resume or cfg.sample_only:
             cfg, ckpt = open_saved_run(cfg, given)
         cfg.check()
+        setup_distributed(cfg.device)  # under torchrun, before any process reads data
         main(cfg, ckpt)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, lines of several processes do not interleave
+        return 1
+    except RuntimeError as e:  # under torchrun, an exchange with a process that died (gloo or NCCL says so)
+        if process_rank()[1] == 1 or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise
+        detail = re.sub(r"^\[.*?\] ", "", one_line(e)).split(". ")[0]  # gloo's words, without its source line
+        sys.stderr.write(f"error: lost contact with another torchrun process, which stopped or crashed (see its "
+                         f"messages): {detail}; the checkpoints in {cfg.out_dir} are intact: resume with --resume\n")
         return 1
     except TrainingInterrupted as e:
-        print(e, file=sys.stderr)
+        if process_rank()[0] == 0:  # under torchrun all processes stopped together; process 0 speaks for all
+            print(e, file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C outside it
         saved = find_checkpoints(cfg.out_dir)
@@ -1659,6 +1772,8 @@ def cli(config_cls, main: Callable, argv=None) -> int:
     except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
@@ -1770,15 +1885,21 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str):
     the empty folders the attempt created are removed again."""
     root = Path(cfg.data_dir)
     folders_before = {root, *(p for p in root.rglob("*") if p.is_dir())} if root.exists() else set()
-    try:
-        dataset = dataset_cls(cfg.data_dir, train=True, download=True)
-    except (OSError, RuntimeError) as e:  # offline: URLError (an OSError) or torchvision's RuntimeError
-        created = [p for p in [root, *root.rglob("*")] if p.is_dir() and p not in folders_before]
-        for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first
-            if not any(folder.iterdir()):
-                folder.rmdir()
-        raise UserError(f"could not download {dataset_cls.__name__} into {cfg.data_dir} ({one_line(e)}); without "
-                        f"network, put {offline_files} and rerun, or train on your own images with --data FOLDER") from None
+
+    def fetch():
+        try:
+            return dataset_cls(cfg.data_dir, train=True, download=True)
+        except (OSError, RuntimeError) as e:  # offline: URLError (an OSError) or torchvision's RuntimeError
+            created = [p for p in [root, *root.rglob("*")] if p.is_dir() and p not in folders_before]
+            for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+            raise UserError(f"could not download {dataset_cls.__name__} into {cfg.data_dir} ({one_line(e)}); without "
+                            f"network, put {offline_files} and rerun, or train on your own images with --data "
+                            f"FOLDER") from None
+
+    dataset = on_rank_0(fetch)  # under torchrun, process 0 downloads while the others wait; they then find the files
+    dataset = fetch() if dataset is None else dataset
     print(f"data: {len(dataset):,} {dataset_cls.__name__} training images from {cfg.data_dir}")
     return dataset
 
@@ -1869,24 +1990,32 @@ def dump_samples(diffusion, model, cfg, class_names, labels, folder: Path) -> No
     """Writes cfg.dump_samples single PNGs into folder, named <index>_<class>.png, for FID tools.
 
     Labels go round the requested classes in turn, so every class gets the same share (±1) of the images. The folder
-    must be new or empty: samples of two runs mixed in one folder would give a meaningless FID.
+    must be new or empty: samples of two runs mixed in one folder would give a meaningless FID. The samples come in
+    chunks of cfg.batch_size, chunk k's noise from a generator seeded by cfg.seed + 2 + k·2³², so that sample i is the
+    same image however many processes share the work (under torchrun, chunk k goes to process k mod W).
     """
     from torchvision.utils import save_image
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"--dump-dir {folder} is not empty; give a new folder (or empty this one)")
     folder.mkdir(parents=True, exist_ok=True)
+    rank, world = process_rank()
+    if world > 1:
+        dist.barrier()  # every process has found the folder empty before any writes into it
     y = torch.tensor(labels)[torch.arange(cfg.dump_samples) % len(labels)]
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
-    shape, done = model_input_shape(model, cfg), 0
+    shape, size = model_input_shape(model, cfg), max(cfg.batch_size, 1)
     # One batch at a time, written as it comes: 50,000 samples never sit in memory together, and an interrupted
     # dump keeps the files written so far.
-    for chunk in y.split(max(cfg.batch_size, 1)):
+    for k, chunk in enumerate(y.split(size)):
+        if k % world != rank:
+            continue
+        generator = torch.Generator().manual_seed(cfg.seed + 2 + k * 2**32)
         images = generate_images(diffusion, model, cfg, chunk, shape, generator)
-        for image, label in zip(images, chunk.tolist()):
+        for i, (image, label) in enumerate(zip(images, chunk.tolist()), start=k * size):
             name = re.sub(r"[^\w.-]+", "_", class_names[label])
-            save_image((image + 1) / 2, folder / f"{done:06d}_{name}.png")
-            done += 1
-    print(f"wrote {done:,} samples to {folder}")
+            save_image((image + 1) / 2, folder / f"{i:06d}_{name}.png")
+    if world > 1:
+        dist.barrier()  # every process has written its share
+    print(f"wrote {len(y):,} samples to {folder}")
 
 
 def build_image_model(cfg: ImageConfig, channels: int, num_classes: int) -> UNet:
@@ -1940,11 +2069,13 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
                             out_dir / "samples" / f"step_{step:06d}.png", f"step {step:,}, guidance {cfg.guidance}")
 
         model = train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
-        plot_loss(out_dir)
-    tic = time.perf_counter()
-    save_class_grid(diffusion, model, cfg, class_names, labels, out_dir / "samples.png",
-                    f"{cfg.sampler}, guidance {cfg.guidance}")
-    save_reverse_picture(diffusion, model, cfg, class_names, labels, out_dir / "reverse.png")
-    print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'reverse.png'} ({time.perf_counter() - tic:.0f} s)")
+    if process_rank()[0] == 0:  # under torchrun, process 0 alone draws the pictures; all share --dump-samples
+        if not cfg.sample_only:
+            plot_loss(out_dir)
+        tic = time.perf_counter()
+        save_class_grid(diffusion, model, cfg, class_names, labels, out_dir / "samples.png",
+                        f"{cfg.sampler}, guidance {cfg.guidance}")
+        save_reverse_picture(diffusion, model, cfg, class_names, labels, out_dir / "reverse.png")
+        print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'reverse.png'} ({time.perf_counter() - tic:.0f} s)")
     if cfg.dump_samples:
         dump_samples(diffusion, model, cfg, class_names, labels, Path(cfg.dump_dir or out_dir / "dump"))

@@ -138,6 +138,9 @@ def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
                         out_dir / "snapshots" / f"step_{step:06d}.png")
 
         model = ddpm.train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
+    if ddpm.process_rank()[0] != 0:  # under torchrun, process 0 alone samples and writes the pictures
+        return
+    if not cfg.sample_only:
         ddpm.plot_loss(out_dir)
 
     # Final samples from the EMA model, with the whole trajectory for the animation.
