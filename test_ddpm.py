@@ -1160,3 +1160,215 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     scope["ddpm"] = ddpm
     exec(compile(engine, "README.md", "exec"), scope)
     assert ddpm.load_checkpoint(tmp_path / "runs" / "mine" / "ckpt.pt")["step"] == 500
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Many processes: torchrun and DistributedDataParallel, on the CPU (gloo), real processes
+# ----------------------------------------------------------------------------------------------------------------------
+
+def torchrun(args, nproc=2, *extra):
+    """torchrun's command line (its module form) starting `nproc` processes of a script on this machine; args is a
+    script's command line as moons_args gives it ([python, script, flags…])."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+            *args[1:]]
+
+
+def run_torchrun(args, nproc=2, *extra):
+    return subprocess.run(torchrun(args, nproc, *extra), capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_trains_resumes_and_a_single_process_samples(tmp_path):
+    """Two processes under torchrun train the moons: process 0 alone prints (one device line, each log line once)
+    and writes one checkpoint, of plain weights (no DDP `module.` prefix) with the RNG state of each process, the two
+    different; two processes resume it, logging each step once; then a single process samples from it."""
+    out = tmp_path / "run"
+    first = run_torchrun(moons_args(out, 20))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count("device: cpu") == 1 and first.stdout.count("step 20/20") == 1
+    assert ddpm.find_checkpoints(out) == [out / "ckpt.pt"] and not list(out.glob(".*tmp*"))
+    state = ddpm.load_checkpoint(out / "ckpt.pt")
+    assert state["step"] == 20 and not any(k.startswith("module.") for k in state["model"])
+    assert len(state["rng"]["other_ranks"]) == 1
+    assert not torch.equal(state["rng"]["torch"], state["rng"]["other_ranks"][0]["torch"])
+    resumed = run_torchrun(moons_args(out, 40, "--resume"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming from {out / 'ckpt.pt'} at step 20\n" in resumed.stdout
+    assert [int(s) for s, _ in metric_rows(out)] == [10, 20, 30, 40]
+    one = subprocess.run([sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(out), "--sample-only"],
+                         capture_output=True, text=True, cwd=HERE)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert np.load(out / "samples.npy").shape == (200, 2)
+
+
+def test_torchrun_sigterm_then_resume_equals_an_unbroken_two_process_run(tmp_path):
+    """SIGTERM sent to torchrun (which forwards it to both processes) stops both after the same step: process 0
+    writes the checkpoint of that step and says so once. Resumed with two processes, the run ends with the same
+    model and EMA tensors, bit for bit, and the same metrics rows, as a two-process run that never stopped."""
+    steps = 400
+    reference = run_torchrun(moons_args(tmp_path / "ref", steps))
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(torchrun(moons_args(out, steps)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 10/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    stopped = ddpm.load_checkpoint(out / "ckpt.pt")["step"]
+    assert 10 <= stopped < steps and output.count(f"stopped by SIGTERM at step {stopped}/{steps}") == 1, output
+    final = run_torchrun(moons_args(out, steps, "--resume"))
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert_same_weights(tmp_path / "ref" / "ckpt.pt", out / "ckpt.pt")
+    assert metric_rows(out) == metric_rows(tmp_path / "ref")
+
+
+def gradient_check_trainer():
+    """The Trainer of test_ddp_gradient_…: a labelled MLP (no dropout: only t, ε and the label dropout are random),
+    batch 32 of 64 points, no clipping, on the CPU. Under torchrun, choose_device joins the process group and
+    Trainer wraps the model in DDP."""
+    cfg = ddpm.TrainConfig(batch_size=32, p_uncond=0.5, num_timesteps=50, grad_clip=0, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    data = ddpm.Data(torch.randn(64, 2, generator=gen), torch.arange(64) % 3, ("a", "b", "c"))
+    torch.manual_seed(0)
+    model = ddpm.MLP(dim=2, hidden=32, depth=2, num_classes=3)
+    nn.init.normal_(model.out.weight, std=0.1)  # not the zeros of a fresh MLP, which stop the gradient of all else
+    return ddpm.Trainer(model, ddpm.Diffusion(50, p_uncond=0.5), data, cfg, ddpm.choose_device("cpu"))
+
+
+GRADIENT_WORKER = """
+import sys
+sys.path.insert(0, {here!r})
+import torch, ddpm, test_ddpm
+trainer = test_ddpm.gradient_check_trainer()
+seen = dict(rng=torch.get_rng_state())  # the generator this process draws t, ε and the label dropout from
+batch = trainer.data.batch
+trainer.data.batch = lambda idx, flip: seen.setdefault("batch", batch(idx, flip))  # the examples it trains on
+grads = lambda: {{n: p.grad.clone() for n, p in trainer.model.named_parameters()}}
+trainer.optimizer.step = lambda: seen.setdefault("grads", grads())
+trainer.step()  # the gradient the update would use, DDP's average
+torch.save(seen, {out!r} + f"/rank{{trainer.rank}}.pt")
+"""
+
+
+def test_ddp_gradient_of_two_half_batches_equals_the_whole_batch_gradient(tmp_path):
+    """Under torchrun, each of 2 processes computes L_simple on its half of the batch in Trainer.step, and DDP
+    averages their gradients: the update then uses the gradient one process computes on the whole batch with the same
+    t, ε and label dropout per example (replayed here from each process's generator), since the mean over the batch
+    is the mean of the two halves' means. Both processes hold the same average, and their halves make up the batch.
+    Tolerance: the two computations add the same float32 per-example terms in another order (all 32 at once, or
+    16 + 16 and then a sum), and a float32 sum of n terms moves by at most n·u·Σ|terms| when reordered (u = 2⁻²⁴);
+    so each entry may differ by 2·32·u·Σ_i|term_i|, with the per-example terms computed here. The gradient of one half
+    alone, what a process without the averaging would use, is far outside that."""
+    script = tmp_path / "gradient_worker.py"
+    script.write_text(GRADIENT_WORKER.format(here=str(HERE), out=str(tmp_path)))
+    run = run_torchrun([sys.executable, str(script)])
+    assert run.returncode == 0, run.stdout + run.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name in ranks[0]["grads"]:
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
+    assert not torch.equal(ranks[0]["rng"], ranks[1]["rng"])  # each process its own stream
+
+    trainer = gradient_check_trainer()  # a single process: the whole batch
+    x0, y = trainer.data.batch(*trainer.order.next())
+    for i, r in enumerate(ranks):
+        rows = slice(16 * i, 16 * (i + 1))
+        assert torch.equal(r["batch"][0], x0[rows]) and torch.equal(r["batch"][1], y[rows])
+    draws = []  # per process, t, ε and the dropout uniforms in the order Diffusion.loss draws them
+    for r in ranks:
+        torch.set_rng_state(r["rng"])
+        draws.append((torch.randint(0, 50, (16,)), torch.randn(16, 2), torch.rand(16)))
+    t, noise, uniform = (torch.cat(d) for d in zip(*draws))
+
+    def gradient(rows, scale=1.0):
+        """The gradient of L_simple over the examples `rows` of the batch, with their replayed draws, times scale."""
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "randint", lambda *a, **k: t[rows])
+            mp.setattr(torch, "randn_like", lambda x: noise[rows])
+            mp.setattr(torch, "rand", lambda *a, **k: uniform[rows])
+            trainer.optimizer.zero_grad(set_to_none=True)
+            (trainer.diffusion.loss(trainer.model, x0[rows], y[rows]) * scale).backward()
+        return {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+
+    whole, half = gradient(slice(0, 32)), gradient(slice(0, 16))
+    per_example = [gradient(slice(i, i + 1), 1 / 32) for i in range(32)]  # term i of the batch mean
+    u = 2.0 ** -24
+    for name, g in whole.items():
+        tol = 2 * 32 * u * sum(term[name].abs() for term in per_example)
+        assert ((ranks[0]["grads"][name] - g).abs() <= tol).all(), name
+        assert ((half[name] - g).abs() > 100 * tol).any(), name  # so the test can tell a missing average
+
+
+def test_dump_samples_are_the_same_images_with_one_and_two_processes(tmp_path):
+    """--dump-samples split between two processes under torchrun (chunks of --batch-size 2 dealt out in turn: samples
+    0, 1, 4 from process 0, 2, 3 from process 1) writes the same PNG files, byte for byte, as one process: each
+    chunk's noise comes from its own index, not from the chunks before it."""
+    folder, out = make_image_folder(tmp_path / "images"), tmp_path / "run"
+    train = ["--data", str(folder), "--out-dir", str(out), "--model", "tiny", "--image-size", "16", "--batch-size", "2",
+             "--num-timesteps", "20", "--sampler", "ddim", "--sample-steps", "3", "--num-samples", "3", "--steps", "2",
+             "--sample-every", "0", "--device", "cpu"]
+    assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, train) == 0
+    dump = ["--out-dir", str(out), "--sample-only", "--dump-samples", "5", "--dump-dir"]
+    assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, dump + [str(tmp_path / "one")]) == 0
+    two = run_torchrun([sys.executable, str(HERE / "train_cifar.py"), *dump, str(tmp_path / "two")])
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count(f"wrote 5 samples to {tmp_path / 'two'}") == 1
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(names) == 5 and names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def worker_pids(parent: int) -> dict:
+    """{RANK: pid} of the worker processes torchrun (pid `parent`) started, read from /proc (Linux)."""
+    pids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+                pids[int(next(v for v in env if v.startswith(b"RANK="))[5:])] = int(stat.parent.name)
+        except (OSError, StopIteration, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker processes through /proc")
+def test_a_killed_process_stops_the_other_at_once_with_one_line(tmp_path):
+    """SIGKILL process 0 of a two-process run: process 1 exits within seconds (well inside 60 s, not after a
+    collective timeout), its whole stderr one line that says what happened, no traceback; the last checkpoint
+    is intact."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    proc = subprocess.Popen(torchrun(moons_args(out, 10**6), 2, "--log-dir", str(logs), "--redirects", "3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not ddpm.find_checkpoints(out) and time.monotonic() < deadline:  # training, past its first checkpoint
+        time.sleep(0.2)
+    os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+    killed = time.monotonic()
+    proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 60
+    err = next(logs.glob("*/attempt_0/1/stderr.log")).read_text()
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: lost contact with another torchrun process, which stopped or crashed"), err
+    assert f"the checkpoints in {out} are intact: resume with --resume" in err
+    assert ddpm.load_checkpoint(ddpm.find_checkpoints(out)[0])["step"] % 20 == 0
+
+
+def test_torchrun_refusals_reach_every_process(tmp_path):
+    """A --batch-size that does not split evenly, and an out-dir that another run holds (process 0 finds it locked),
+    end every process with status 1 and the same one-line error, before anything is written."""
+    odd = run_torchrun(moons_args(tmp_path / "odd", 20, "--batch-size", "33"))
+    message = "--batch-size 33 is the global batch, shared by 2 processes: give a multiple of 2"
+    assert odd.returncode != 0 and odd.stderr.count(f"error: {message}\n") >= 1, odd.stderr
+    assert not (tmp_path / "odd").exists()
+    (tmp_path / "held").mkdir()
+    with ddpm.OutDirLock(tmp_path / "held"):
+        held = run_torchrun(moons_args(tmp_path / "held", 20), 2, "--log-dir", str(tmp_path / "logs"),
+                            "--redirects", "3")
+    assert held.returncode != 0
+    for rank in (0, 1):
+        err = next((tmp_path / "logs").glob(f"*/attempt_0/{rank}/stderr.log")).read_text()
+        assert err.count("\n") == 1 and "is in use by another training run" in err, err
+    assert not ddpm.find_checkpoints(tmp_path / "held")
