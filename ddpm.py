@@ -5,9 +5,11 @@ nothing but noise x_T ~ N(0, I) is left; a network ε_θ(x_t, t, y) learns to pr
 process p_θ walks back from fresh noise to a sample, one denoising step at a time. Here the network may also see a class
 label y, and classifier-free guidance trades diversity for fidelity to that label at sampling time.
 
-Read top to bottom: noise schedules → the diffusion process (forward, loss, the two samplers) → embeddings →
-backbones (MLP, U-Net) → training plumbing (config, EMA, checkpoints, the loop) → the image experiments' shared code.
-Whoever stops after the diffusion section has seen all of DDPM; what follows is networks and engineering.
+Two parts. PART I, THE LESSON, is all of DDPM in reading order: noise schedules → the diffusion process (forward,
+loss, the two samplers, guidance) → embeddings → backbones (MLP, U-Net) → training, the whole idea (Alg. 1 and the
+EMA in a plain loop). It imports only math, copy and torch, and runs on its own when pasted into a notebook. PART II,
+THE ENGINE ROOM, starts at the banner "# PART II": config and command line, checkpoints and exact resume, locks and
+signals, the resumable loop, benchmark, the image experiments. It builds on Part I and never re-implements it.
 
 Run it (README.md has the details and measured times):
     python train_moons.py              # 2-D toy data, about 20 s on a 2-core CPU
@@ -44,30 +46,15 @@ Deviations from the papers, each marked where it happens:
     5. The class embedding is added to the timestep embedding (DDPM has no labels; this is the usual way, as in [CFG]).
     6. GroupNorm keeps at least 4 channels per group (DDPM: 32 groups, which is 4 channels at its narrowest width);
        narrow networks such as the MNIST preset get fewer groups instead of per-channel normalisation.
+    7. Both samplers use the reverse variance σ_t² = β̃_t [DDPM §3.2: "fixedsmall"]; DDPM's released CIFAR-10 runs
+       used σ_t² = β_t ("fixedlarge"), which the paper found about as good. β̃_t adds no noise on the last step.
 Left out on purpose: learned variances and the hybrid loss [IDDPM], the discrete decoder and likelihood evaluation
 [DDPM §3.3], v-prediction, latent diffusion, FID computation (use an external tool on --dump-samples output).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
-import dataclasses
-import errno
-import hashlib
-import inspect
 import math
-import os
-import re
-import shlex
-import signal
-import socket
-import sys
-import threading
-import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -92,14 +79,17 @@ def make_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
 
     Args:
         name: "linear" [DDPM §4] or "cosine" [IDDPM Eq. 17].
-        num_timesteps: T ≥ 1.
+        num_timesteps: T; at least 2 for "linear" (see below), at least 1 for "cosine".
     Returns:
         (T,) float64 tensor; entry k is β for paper step t = k + 1.
+    Small T: with deviation 1, below T ≈ 50 the last β reach the 0.999 cap and those steps erase nearly everything;
+    such models need longer training to sample well. T = 1 would leave ᾱ_T = 0.9 (x_T not noise): refused.
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
+    if num_timesteps < (2 if name == "linear" else 1):
+        raise ValueError(f"num_timesteps (T) must be at least {2 if name == 'linear' else 1} for the {name} "
+                         f"schedule, got {num_timesteps}")
     T = num_timesteps
     # float64 throughout: ᾱ_t is a product of up to 1000 factors and float32 would lose its small values.
     if name == "linear":
@@ -141,21 +131,27 @@ def make_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
 NULL_LABEL = -1  # the label ∅ of classifier-free guidance: "condition on nothing"
 
 
-def broadcast(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Looks up a schedule at each example's timestep, shaped to scale a batch of any rank.
+def check_labels(y: torch.Tensor | None, num_classes: int | None) -> torch.Tensor | None:
+    """Returns y (B,) after checking that every label is a class 0 … num_classes − 1 or NULL_LABEL (y None,
+    num_classes None or 0: no check). Called once where labels enter (the data, the samplers), not in every forward pass: unchecked, the label
+    num_classes would silently mean ∅, and −2 would fail deep inside the embedding."""
+    if y is not None and num_classes:
+        bad = y[(y != NULL_LABEL) & ((y < 0) | (y >= num_classes))]
+        if len(bad):
+            raise ValueError(f"label {bad[0].item()} is not a class: labels run from 0 to {num_classes - 1}, "
+                             f"or NULL_LABEL ({NULL_LABEL}) for no label")
+    return y
 
-    Args: values (T,), t (B,), x (B, …): points (B, D) or images (B, C, H, W).
-    Returns: values[t] as (B, 1, …, 1), so that `broadcast(...) * x` is one line for points and images alike.
-    """
+
+def broadcast(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """values (T,) looked up at each example's timestep t (B,), as (B, 1, …, 1) to scale a batch x of any rank:
+    `broadcast(...) * x` is then one line for points (B, D) and images (B, C, H, W) alike."""
     return values[t].reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def randn_from(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """N(0, I) noise of `shape` on `device`, from `generator` or, without one, from the global RNG.
-
-    The noise is drawn on the generator's own device and then moved, so a CPU generator gives the same samples
-    whether the model runs on a CPU or a GPU.
-    """
+    """N(0, I) noise of `shape` on `device`, from `generator` (drawn on its own device, then moved: a CPU generator
+    gives the same samples with the model on a CPU or a GPU) or, without one, from the global RNG."""
     if generator is None:
         return torch.randn(shape, device=device)
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
@@ -254,8 +250,10 @@ class Diffusion(nn.Module):
         towards what distinguishes class y from the rest (sharper, less diverse). Deviation 2: [CFG]'s w is our w − 1.
         Args: x_t (B, …), t (B,), y (B,) or None, guidance w.  Returns: (B, …).
         """
-        if y is None or guidance == 1.0:
+        if guidance == 1.0:
             return model(x_t, t, y)
+        if y is None:  # the unconditional model would come back unchanged, silently ignoring the guidance asked for
+            raise ValueError(f"guidance {guidance} needs labels y: without them there is nothing to be guided towards")
         # Both predictions from one forward pass over a doubled batch: first half with y, second half with ∅.
         null = torch.full_like(y, NULL_LABEL)
         noise_cond, noise_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
@@ -277,7 +275,7 @@ class Diffusion(nn.Module):
             x_0 (B, …); with return_trajectory also a (T + 1, B, …) CPU tensor x_T, …, x_0.
         """
         device = self.betas.device
-        y = None if y is None else y.to(device)
+        y = None if y is None else check_labels(y, getattr(model, "num_classes", None)).to(device)
         x_t = randn_from(shape, generator, device)                     # [Alg. 2, line 1] x_T ~ N(0, I)
         trajectory = [x_t.cpu()]
         for k in reversed(range(self.num_timesteps)):                   # [Alg. 2, line 2] paper t = T, …, 1
@@ -314,25 +312,27 @@ class Diffusion(nn.Module):
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"DDIM steps must be between 1 and T = {self.num_timesteps}, got {steps}")
         device = self.betas.device
-        y = None if y is None else y.to(device)
+        y = None if y is None else check_labels(y, getattr(model, "num_classes", None)).to(device)
         # The sub-sequence τ of timesteps, from T − 1 down to 0 (code indices).
         taus = torch.linspace(self.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        # DDIM's α is DDPM's ᾱ. Each step's coefficients in float64 (Python floats), cast when they meet the float32
+        # data: near t = 0, 1 − ᾱ_t/ᾱ_prev is a difference of nearly equal numbers, and float32 loses σ² there.
+        alphas_cumprod = torch.cumprod(1 - make_beta_schedule(self.schedule, self.num_timesteps), 0).tolist()
         x_t = randn_from(shape, generator, device)
         trajectory = [x_t.cpu()]
         for i, k in enumerate(taus):
             t = torch.full((shape[0],), k, device=device, dtype=torch.long)
-            # DDIM's α is DDPM's ᾱ. After the last step "ᾱ_prev" is ᾱ_0 = 1: the output is x̂_0 itself.
-            a_t = self.alphas_cumprod[k]
-            a_prev = self.alphas_cumprod[taus[i + 1]] if i + 1 < len(taus) else torch.ones_like(a_t)
+            # After the last step "ᾱ_prev" is ᾱ_0 = 1: the output is x̂_0 itself.
+            a_t, a_prev = alphas_cumprod[k], alphas_cumprod[taus[i + 1]] if i + 1 < len(taus) else 1.0
             noise_pred = self.guided_noise_pred(model, x_t, t, y, guidance).float()
             x0_pred = self.predict_x0(x_t, t, noise_pred)                      # [DDIM Eq. 12] "predicted x_0"
             if clip_x0:
                 x0_pred = x0_pred.clamp(-1, 1)
-                noise_pred = (x_t - a_t.sqrt() * x0_pred) / (1 - a_t).sqrt()   # keep ε consistent with the clipped x̂_0
+                noise_pred = (x_t - math.sqrt(a_t) * x0_pred) / math.sqrt(1 - a_t)  # ε consistent with clipped x̂_0
             # [DDIM Eq. 16] σ_τ = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev); η = 1 gives σ² = β̃ (DDPM)
-            sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+            sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
             # [DDIM Eq. 12] x_prev = √ᾱ_prev·x̂_0 + √(1 − ᾱ_prev − σ²)·ε_θ + σ·z
-            x_prev = a_prev.sqrt() * x0_pred + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * noise_pred
+            x_prev = math.sqrt(a_prev) * x0_pred + math.sqrt(max(0.0, 1 - a_prev - sigma ** 2)) * noise_pred
             if i + 1 < len(taus) and eta > 0:  # no noise on the last step, as in the ancestral sampler
                 x_prev = x_prev + sigma * randn_from(shape, generator, device)
             if return_trajectory:
@@ -352,7 +352,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     """Sinusoidal features of the timestep, as the Transformer's position encoding [DDPM §4].
 
     Args: t (B,) int64, dim the feature size.  Returns: (B, dim) float32 [sin(t·f_i), cos(t·f_i)] with
-    frequencies f_i = max_period^(−i/half) spread geometrically from 1 down to 1/max_period.
+    frequencies f_i = max_period^(−i/half), i = 0 … half − 1, spread geometrically from 1 down to
+    max_period^(−(half − 1)/half), just above 1/max_period.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -406,7 +407,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int = 0):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.num_classes = hidden, num_classes
         self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embed = ClassEmbedding(num_classes, hidden) if num_classes > 0 else None
         self.inp = nn.Linear(dim, hidden)
@@ -536,7 +537,7 @@ class UNet(nn.Module):
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                  dropout=0.1, image_size=32, num_classes=0):
         super().__init__()
-        self.ch, self.factor = ch, 2 ** (len(ch_mult) - 1)
+        self.ch, self.factor, self.num_classes = ch, 2 ** (len(ch_mult) - 1), num_classes
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = ClassEmbedding(num_classes, emb_dim) if num_classes > 0 else None
@@ -615,6 +616,7 @@ def build_unet(preset: str, in_ch: int, image_size: int, num_classes: int) -> UN
 
     Args: preset name, in_ch image channels, image_size the side the attention resolutions refer to, num_classes
     (0 for an unconditional model).
+
     """
     if preset not in UNET_PRESETS:
         raise ValueError(f"unknown U-Net preset {preset!r}; choose one of: {', '.join(UNET_PRESETS)}")
@@ -622,13 +624,110 @@ def build_unet(preset: str, in_ch: int, image_size: int, num_classes: int) -> UN
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 5. Training plumbing: configuration, data, EMA, checkpoints, the training loop
+# 5. Training, the whole idea
 # ----------------------------------------------------------------------------------------------------------------------
-# Nothing below is DDPM; it is what makes long runs safe. The promises, each tested in test_ddpm.py:
+# [DDPM Alg. 1] repeats: take x_0 from the data, t ~ Uniform({1, …, T}), ε ~ N(0, I), and a gradient step on
+# ‖ε − ε_θ(√ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, t)‖². Diffusion.loss is all of that but the step; here are the step, the moving
+# average of the weights that samples come from [DDPM App. B], and the loop. Part II's train() runs the same
+# train_step and EMA, with checkpoints, logs and guards around them.
+
+class EMA:
+    """An exponential moving average of a model's weights, θ_ema ← d·θ_ema + (1 − d)·θ after every step.
+
+    Samples come from the average [DDPM App. B, d = 0.9999]: it jitters less than the weights and samples cleaner.
+    Deviation 4: d = min(decay, (1 + n)/(10 + n)) at step n, so early on it forgets the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)  # eval: no dropout when sampling from it
+        self.decay = decay
+        self.params = (list(self.model.parameters()), list(model.parameters()))
+        self.buffers = (list(self.model.buffers()), list(model.buffers()))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        # 0.1 at step 0 (the average is nearly the model), 0.9 at step 80, 0.999 at step 9,000, then `decay`.
+        d = min(self.decay, (1 + step) / (10 + step))
+        # θ_ema += (1 − d)·(θ − θ_ema) for all parameters at once: PyTorch's EMA helper updates the whole list in one
+        # fused kernel, where a Python loop of lerp_ would launch a GPU kernel per tensor (hundreds for a U-Net).
+        torch.optim.swa_utils.get_ema_multi_avg_fn(d)(*self.params, None)
+        for ema_buffer, buffer in zip(*self.buffers):  # buffers (none in our networks) are copied, not averaged
+            ema_buffer.copy_(buffer)
+
+
+def train_step(model, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor | None = None, grad_clip: float = 1.0,
+               amp_dtype: torch.dtype | None = None):
+    """The gradient of one batch's loss [DDPM Alg. 1, lines 2–5], clipped; the optimizer step is the caller's.
+
+    Args: model the backbone (plain, compiled or wrapped for several GPUs), x0 (B, …), y (B,) or None, grad_clip
+    the largest gradient norm (0: no clipping), amp_dtype torch.bfloat16 for a mixed-precision forward pass.
+    Returns: the loss and the gradient norm before clipping, as 0-dim tensors (not read here: no wait for a GPU).
+    """
+    with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = diffusion.loss(model, x0, y)
+    loss.backward()
+    # Clipping the norm to 1, as DDPM's released code does, keeps a rare huge gradient from wrecking Adam's moments.
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    return loss, grad_norm
+
+
+def fit(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor | None = None, steps: int = 2000,
+        batch_size: int = 256, lr: float = 1e-3, ema_decay: float = 0.995, grad_clip: float = 1.0, seed: int = 0,
+        log_every: int = 0) -> nn.Module:
+    """Trains `model` to predict the noise [DDPM Alg. 1] on data held in memory; returns the EMA model to sample from.
+
+    Args: model the backbone, x0 (N, …) the data (points, or images in [−1, 1]), y (N,) labels or None; steps,
+    batch_size and lr of AdamW; ema_decay (see EMA); grad_clip (see train_step); seed for the batches, t, ε and
+    label dropout; log_every: print the loss every N steps (0: quiet).  Returns: the EMA model, in eval mode.
+    """
+    check_labels(y, getattr(model, "num_classes", None))
+    torch.manual_seed(seed)
+    model.to(x0.device).train()
+    diffusion.to(x0.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)  # plain Adam, as DDPM
+    ema = EMA(model, ema_decay)
+    for step in range(steps):
+        idx = torch.randint(0, len(x0), (batch_size,), device=x0.device)   # [Alg. 1, line 2] x_0 ~ q(x_0)
+        loss, _ = train_step(model, diffusion, x0[idx], None if y is None else y[idx], grad_clip)
+        optimizer.step()                                                    # [Alg. 1, line 5] the gradient step
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(step)
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}/{steps} | loss {loss.item():.4f}")
+    return ema.model
+
+
+# ======================================================================================================================
+# PART II: the engine room. Nothing below is DDPM; it is what makes long runs fast and safe.
+# ======================================================================================================================
+# Part I trains a model in one go. A real run takes hours or days and meets Ctrl-C, preemption, full disks, crashes
+# and typos; these sections make the same training step survive them. The promises, each tested in test_ddpm.py:
 #   * a run stopped at any instant (Ctrl-C, SIGTERM, SIGKILL, power cut) resumes to the same weights, bit for bit on
-#     a CPU, losing at most the steps since the last checkpoint: checkpoints hold every RNG state the loop uses;
+#     a CPU, losing at most the steps since the last checkpoint: checkpoints hold every piece of state the loop uses;
 #   * a checkpoint on disk is never torn: files are written aside, fsynced, then renamed into place;
 #   * bad input and bad files end in one clear line (UserError), with nothing on disk changed.
+import argparse
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import inspect
+import os
+import re
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, ClassVar, NamedTuple
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Configuration and the command line
+# ----------------------------------------------------------------------------------------------------------------------
+
 
 class UserError(Exception):
     """A problem the user can fix: bad settings, a missing or unreadable file, a full disk. The scripts print it as
@@ -663,15 +762,15 @@ class TrainConfig:
     """Settings of a training run. Scripts subclass it to change defaults and add fields. The command line is made
     from it (parse_config): each field becomes --field-name and the comment after it becomes its --help text.
 
-    In a notebook, build it directly, TrainConfig(out_dir="runs/x", steps=500), and call cfg.check() to get the same
-    errors the command line gives. The whole config is saved in every checkpoint; guard_resume compares against it.
+    In a notebook, build it directly, TrainConfig(out_dir="runs/x", steps=500); train() checks it (cfg.check()).
+    The whole config is saved in every checkpoint; guard_resume compares against it.
     """
     out_dir: str = "runs/default"   # folder for checkpoints, metrics.csv and pictures
     resume: bool = False            # continue the run in --out-dir with its saved settings (give only what changes)
     overwrite: bool = False         # start afresh over a checkpoint (deletes checkpoints and metrics.csv, not pictures)
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     seed: int = 0                   # seeds the weights, the noise and the data order
-    num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]
+    num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]; below ~50 see make_beta_schedule
     schedule: str = "linear"        # noise schedule: linear [DDPM] or cosine [IDDPM]
     p_uncond: float = 0.1           # probability of training on the null label, for guidance [CFG: 0.1 to 0.2]
     steps: int = 10_000             # optimizer steps to train for (not epochs)
@@ -701,28 +800,33 @@ class TrainConfig:
         "sample_every", "ckpt_every", "keep_ckpts", "sample_only", "sampler", "sample_steps", "num_samples",
         "guidance"})
     CHOICES: ClassVar[dict] = {"schedule": SCHEDULES, "sampler": ("ddpm", "ddim"), "amp": ("auto", "bf16", "none")}
+    AT_LEAST: ClassVar[dict] = {**dict.fromkeys(("steps", "batch_size", "num_timesteps", "log_every", "ckpt_every",
+                                                 "keep_ckpts", "num_samples", "sample_steps", "max_bad_steps"), 1),
+                                **dict.fromkeys(("warmup", "sample_every", "grad_clip", "weight_decay", "guidance"), 0)}
 
     def check(self) -> None:
         """Raises UserError naming the first impossible setting and what to do instead."""
-        at_least_1 = ("steps", "batch_size", "num_timesteps", "log_every", "ckpt_every", "keep_ckpts",
-                      "num_samples", "sample_steps", "max_bad_steps")
-        at_least_0 = ("warmup", "sample_every", "grad_clip", "weight_decay")
-        for name in at_least_1 + at_least_0:
-            low = 1 if name in at_least_1 else 0
-            if getattr(self, name) < low:
-                raise UserError(f"{flag(name)} must be at least {low}, got {getattr(self, name)}")
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # "nan" and "inf" parse as floats
+                raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
+            if f.name in self.AT_LEAST and value < self.AT_LEAST[f.name]:
+                raise UserError(f"{flag(f.name)} must be at least {self.AT_LEAST[f.name]}, got {value}")
+            if f.name in self.CHOICES and value not in self.CHOICES[f.name]:
+                raise UserError(f"{flag(f.name)} must be one of {', '.join(map(str, self.CHOICES[f.name]))}, "
+                                f"got {value!r}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.p_uncond <= 1:
             raise UserError(f"--p-uncond is a probability between 0 and 1, got {self.p_uncond}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        # With --sample-only, T is the checkpoint's: load_for_sampling checks this once it is known.
-        if self.sampler == "ddim" and self.sample_steps > self.num_timesteps and not self.sample_only:
-            raise UserError(f"--sample-steps {self.sample_steps} exceeds --num-timesteps {self.num_timesteps}")
+        if self.schedule == "linear" and self.num_timesteps < 2:
+            raise UserError("--num-timesteps must be at least 2 for the linear schedule (T = 1 leaves x_T noiseless)")
+        # The one check of DDIM steps against T. With --resume and --sample-only, T is the checkpoint's by now (cli).
+        if self.sampler == "ddim" and self.sample_steps > self.num_timesteps:
+            raise UserError(f"--sample-steps {self.sample_steps} exceeds the {self.num_timesteps} timesteps this model "
+                            f"was trained with; give at most {self.num_timesteps}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         if not self.out_dir.strip():
@@ -749,14 +853,12 @@ class _OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def parse_given(cls, argv=None) -> dict:
-    """The settings given on the command line, as {field: value}, built from a config dataclass; fields not given
-    are left out (so that --resume and --sample-only can take them from the run's checkpoint).
+    """The settings given on the command line, as {field: value}; fields not given are left out (so that --resume
+    and --sample-only can take them from the run's checkpoint).
 
-    Every field becomes --field-name; booleans become --flag/--no-flag; --help shows each one's help text and default.
-    Exits with status 2 and one line on an unknown flag or a value of the wrong type.
+    The dataclass is the single source of truth: each field becomes --field-name (booleans --flag/--no-flag), typed
+    by its default, with the comment after it as --help text. Exits with status 2 and one line on a bad flag or value.
     """
-    # The dataclass is the single source of truth: the names, types and defaults of the flags are read from its
-    # fields, so a new setting is one line in a config class and appears on the command line and in --help at once.
     parser = _OneLineArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0],
                                     argument_default=argparse.SUPPRESS)  # absent flags stay absent
     helps = config_help(cls)
@@ -765,8 +867,7 @@ def parse_given(cls, argv=None) -> dict:
         if "(default" not in text:
             text += f" (default: {f.default if f.default != '' else 'none'})"
         kwargs = dict(help=text)
-        if isinstance(f.default, bool):
-            # --flag / --no-flag: a bool is never parsed from text (bool("False") is True).
+        if isinstance(f.default, bool):  # a bool is never parsed from text (bool("False") is True)
             kwargs["action"] = argparse.BooleanOptionalAction
         else:  # the default's type parses the text: "3e-4" → float, "64" → int
             choices = cls.CHOICES.get(f.name)
@@ -781,11 +882,11 @@ def parse_config(cls, argv=None):
     return cls(**parse_given(cls, argv))
 
 
-_devices_announced = set()  # choose_device is called by train, benchmark and the scripts: print the device once
-
-
 def choose_device(name: str = "auto") -> torch.device:
-    """"auto" → cuda, then mps, then cpu; any other name is checked. Announced once; on CUDA enables TF32 matmuls."""
+    """"auto" → cuda, then mps, then cpu; any other name is checked. On CUDA it enables TF32 matmuls.
+
+    Each path through a script calls it once (train, benchmark or the sampling code), so the device prints once.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -798,11 +899,13 @@ def choose_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")     # TF32 tensor cores for float32 matmuls (cuDNN convolutions
         torch.backends.cudnn.benchmark = True          # use TF32 by default); pick the fastest kernels for our shapes
-    if name not in _devices_announced:
-        _devices_announced.add(name)
-        print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     return device
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. Data and the order of batches
+# ----------------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Data:
@@ -815,6 +918,16 @@ class Data:
     class_names: tuple = ()          # a name per class; empty for unlabelled data
     hflip: bool = False              # flip images left-right at random (data augmentation)
     meta: dict = field(default_factory=dict)  # other facts a resumed run must agree on (e.g. normalisation)
+
+    def __post_init__(self):  # labels enter here: check them once, not in every forward pass
+        if self.y is not None:
+            if self.y.shape != (len(self.x),):
+                raise UserError(f"the labels have shape {tuple(self.y.shape)}; give one label per example, "
+                                f"({len(self.x)},)")
+            try:
+                check_labels(self.y, len(self.class_names) or None)
+            except ValueError as e:
+                raise UserError(f"{e}; fix the labels or the class names ({len(self.class_names)})") from None
 
     def to(self, device) -> "Data":
         return dataclasses.replace(self, x=self.x.to(device), y=None if self.y is None else self.y.to(device))
@@ -846,7 +959,7 @@ class BatchOrder:
 
     def __init__(self, size: int, batch_size: int, seed: int):
         if size < 1:
-            raise ValueError("BatchOrder needs at least one example")
+            raise UserError("the training set is empty; give it at least one example")
         self.size, self.batch_size = size, batch_size
         # A CPU generator of its own: the batches are the same on any device, and drawing them does not move the
         # global generator that the loss draws t and ε from (so neither stream depends on the other).
@@ -872,32 +985,22 @@ class BatchOrder:
         self.perm, self.pos = state["perm"], state["pos"]
 
 
-class EMA:
-    """An exponential moving average of a model's weights, θ_ema ← d·θ_ema + (1 − d)·θ, updated after every step.
-
-    Samples come from the average: it changes slowly and gives cleaner samples than the raw weights [DDPM App. B].
-    Deviation 4: d = min(decay, (1 + n)/(10 + n)) after n updates, so that early on the average follows the model.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self._pairs = (list(self.model.parameters()), list(model.parameters()))
-        self._buffers = (list(self.model.buffers()), list(model.buffers()))
-
-    @torch.no_grad()
-    def update(self, num_updates: int) -> None:
-        # (1 + n)/(10 + n) is 0.1 at the first update (the average is nearly the model), 0.9 after 80 updates and
-        # 0.999 after 9,000: the average's memory grows with the run until it reaches the configured decay.
-        d = min(self.decay, (1 + num_updates) / (10 + num_updates))
-        torch._foreach_lerp_(*self._pairs, 1 - d)        # θ_ema += (1 − d)·(θ − θ_ema), one fused kernel per dtype
-        for ema_buffer, buffer in zip(*self._buffers):   # buffers (none in our nets) are copied, not averaged
-            ema_buffer.copy_(buffer)
-
-
-# --- Checkpoints: written atomically, verified on load, several kept ---
-
-CKPT_FORMAT, CKPT_VERSION = "diffusionlab-checkpoint", 1
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. Checkpoints: the state inventory, written atomically, verified on load, several kept
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact resume rests on one inventory: everything the loop reads that changes while it runs. Miss one piece and a
+# resumed run drifts from an unbroken one. Each name below is saved, restored and required under that one name.
+STATE_KEYS = (
+    "model",        # the weights θ
+    "ema",          # the moving average that samples come from
+    "optimizer",    # Adam's moments and step count (fresh moments would jolt the weights)
+    "lr_schedule",  # where the warm-up stands
+    "data_order",   # the epoch's permutation, the position in it, and its generator (also the flips)
+    "rng",          # the global generators the loss draws t, ε and label dropout from
+    "loop",         # the step, the half-finished log window and the NaN counters
+)
+HEADER_KEYS = ("format", "version", "step", "config", "config_class", "data_info")  # what the run was
+CKPT_FORMAT, CKPT_VERSION = "diffusionlab-checkpoint", 2
 
 
 def fsync_dir(folder: Path) -> None:
@@ -933,10 +1036,7 @@ def atomic_write(path: Path, write: Callable, before_replace: Callable | None = 
 
 @contextlib.contextmanager
 def disk_errors(what, *also):
-    """Turns a failed write of `what` (a full disk, a folder without permission) into a one-line UserError.
-
-    The checkpoint and metrics writers run inside it, so a full disk never ends in a traceback there.
-    """
+    """Turns a failed write of `what` (a full disk, a folder without permission) into a one-line UserError."""
     try:
         yield
     except (OSError, *also) as e:
@@ -987,38 +1087,34 @@ def checkpoint_path(out_dir, age: int) -> Path:
     return Path(out_dir) / ("ckpt.pt" if age == 0 else f"ckpt.{age}.pt")
 
 
-def checkpoint_ages(out_dir) -> list[int]:
-    """The ages of the checkpoints in out_dir, newest first: 0 for ckpt.pt, then 1, 2, … for ckpt.1.pt, ckpt.2.pt, …
+def find_checkpoints(out_dir) -> list[Path]:
+    """The checkpoint files in out_dir, newest first: ckpt.pt, ckpt.1.pt, ckpt.2.pt, …
 
     A crash between two renames of save_checkpoint can leave ckpt.pt missing, or a gap in the numbers; the files that
     are there are still listed in order, so a resume finds the newest complete checkpoint.
     """
     names = (p.name for p in Path(out_dir).glob("ckpt.*.pt"))
     older = sorted(int(m[1]) for name in names if (m := re.fullmatch(r"ckpt\.([1-9]\d*)\.pt", name)))
-    return ([0] if checkpoint_path(out_dir, 0).exists() else []) + older
-
-
-def find_checkpoints(out_dir) -> list[Path]:
-    """The checkpoint files in out_dir, newest first: ckpt.pt, ckpt.1.pt, ckpt.2.pt, …"""
-    return [checkpoint_path(out_dir, age) for age in checkpoint_ages(out_dir)]
+    ages = ([0] if checkpoint_path(out_dir, 0).exists() else []) + older
+    return [checkpoint_path(out_dir, age) for age in ages]
 
 
 def save_checkpoint(state: dict, out_dir, keep: int = 2) -> Path:
     """Writes `state` to <out_dir>/ckpt.pt atomically, with a checksum; keeps the keep − 1 previous ones.
 
     The order makes every instant safe: (1) the new file is written aside and fsynced; (2) every checkpoint there
-    moves one name older (ckpt.pt → ckpt.1.pt, ckpt.1.pt → ckpt.2.pt, …, the oldest first, so no rename overwrites
-    a file); (3) the new file is renamed to ckpt.pt; (4) only then are the ones beyond `keep` deleted. A crash at any
-    point leaves at least the `keep` checkpoints that were there before.
-    Raises UserError if the disk is full or the folder unwritable; the checkpoints already there stay intact.
+    moves one name older (ckpt.pt → ckpt.1.pt, …, the oldest first, so no rename overwrites a file); (3) the new file
+    is renamed to ckpt.pt; (4) only then are the ones beyond `keep` deleted. A crash at any point leaves at least the
+    `keep` checkpoints that were there before. A full disk or an unwritable folder is a UserError.
     """
     out_dir = Path(out_dir)
     state = to_cpu(state)
     state["checksum"] = state_checksum(state)
 
     def shift_older():
-        for age in reversed(checkpoint_ages(out_dir)):
-            os.replace(checkpoint_path(out_dir, age), checkpoint_path(out_dir, age + 1))
+        for path in reversed(find_checkpoints(out_dir)):
+            age = 0 if path.name == "ckpt.pt" else int(path.name.split(".")[1])
+            os.replace(path, checkpoint_path(out_dir, age + 1))
         fsync_dir(out_dir)  # the shifts reach the disk before the rename that depends on them
 
     with disk_errors(f"a checkpoint into {out_dir}", RuntimeError):  # torch.save reports ENOSPC as RuntimeError
@@ -1046,8 +1142,7 @@ def load_checkpoint(path) -> dict:
     if state.get("version") != CKPT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')!r}; "
                               f"this ddpm.py reads version {CKPT_VERSION}")
-    missing = {"step", "config", "config_class", "data_info", "model", "ema", "optimizer", "lr_schedule",
-               "data_order", "rng", "loop"} - state.keys()
+    missing = set(HEADER_KEYS + STATE_KEYS) - state.keys()
     if missing:
         raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(missing))}")
     # A flipped bit inside a tensor (a bad disk, a copy cut short at the right place) unpickles without complaint
@@ -1057,14 +1152,23 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def load_latest_checkpoint(out_dir) -> tuple[dict, Path]:
-    """The newest usable checkpoint in out_dir; an unusable newer one is skipped with a warning that says so."""
+class Checkpoint(NamedTuple):
+    """A checkpoint read from disk: its contents, its file, and the file's modification time when it was read."""
+    state: dict
+    path: Path
+    mtime_ns: int
+
+
+def newest_checkpoint(out_dir) -> Checkpoint:
+    """The newest usable checkpoint in out_dir: the one rule that --resume, --sample-only and the settings they take
+    from the run all follow. An unusable newer file is skipped with a warning that says so."""
     candidates = find_checkpoints(out_dir)
     if not candidates:
         raise CheckpointError(f"no checkpoint in {out_dir}")
     for i, path in enumerate(candidates):
         try:
-            return load_checkpoint(path), path
+            mtime_ns = path.stat().st_mtime_ns
+            return Checkpoint(load_checkpoint(path), path, mtime_ns)
         except CheckpointError as e:
             if i + 1 == len(candidates):
                 raise
@@ -1105,51 +1209,45 @@ def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
                         f"out to use the checkpoint's settings, or train afresh with a new --out-dir or --overwrite")
 
 
-def with_saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
-    """For --resume and --sample-only: the settings the run in cfg.out_dir was trained with, and the flags given now
-    on top of them, so that `--resume` alone continues a run however it was started.
+def open_saved_run(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, Checkpoint | None]:
+    """For --resume and --sample-only: the run's newest usable checkpoint, and the settings it was trained with
+    with the flags given now on top, so that `--resume` alone continues a run however it was started.
 
-    The config is read from the newest checkpoint that opens (mmap: the tensors are not read; load_checkpoint checks
-    the whole file later). A given flag that may not change (the model, the data) is refused then by guard_resume.
-    Without a readable checkpoint, cfg is returned as it is and the caller reports what is missing.
-    """
-    names = {f.name for f in fields(cfg)}
-    for path in find_checkpoints(cfg.out_dir):
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
-        except Exception:  # unreadable: the full load falls back past it, or says what is wrong
-            continue
-        # out_dir stays the folder the checkpoint was read from, wherever the run was first started.
-        return type(cfg)(**{**{k: v for k, v in saved.items() if k in names}, **given, "out_dir": cfg.out_dir})
-    return cfg
-
-
-def load_for_sampling(cfg: TrainConfig):
-    """For --sample-only: (cfg, the newest usable checkpoint in cfg.out_dir).
-
-    cfg must agree with the checkpoint on everything but the fields a resume may change (sampler, guidance,
-    num_samples, device, …): the command line gets there through with_saved_settings, and a model setting given
-    anew (another T, another width) is refused rather than silently ignored.
+    A given flag that may not change (the model, the data) is refused later by guard_resume. Without any checkpoint,
+    (cfg, None): the caller says what is missing. out_dir stays the folder it was read from, wherever the run began.
     """
     if not find_checkpoints(cfg.out_dir):
+        return cfg, None
+    ckpt = newest_checkpoint(cfg.out_dir)
+    names = {f.name for f in fields(cfg)}
+    saved = {k: v for k, v in ckpt.state["config"].items() if k in names}
+    return type(cfg)(**{**saved, **given, "out_dir": cfg.out_dir}), ckpt
+
+
+def load_for_sampling(cfg: TrainConfig, ckpt: Checkpoint | None = None) -> dict:
+    """For --sample-only: the state of the newest usable checkpoint in cfg.out_dir (ckpt, if already read).
+
+    cfg must agree with the checkpoint on everything but the fields a resume may change (sampler, guidance,
+    num_samples, device, …); a model setting given anew (another T, another width) is refused, not ignored.
+    """
+    if ckpt is None and not find_checkpoints(cfg.out_dir):
         raise UserError(f"--sample-only: no checkpoint in {cfg.out_dir}; train first, or point --out-dir at a run")
-    state, path = load_latest_checkpoint(cfg.out_dir)
-    guard_resume(state, cfg, state["data_info"], path)
-    if cfg.sampler == "ddim" and cfg.sample_steps > cfg.num_timesteps:
-        raise UserError(f"--sample-steps {cfg.sample_steps} exceeds the {cfg.num_timesteps} timesteps this model was "
-                        f"trained with; give at most {cfg.num_timesteps}")
-    return cfg, state
+    ckpt = ckpt or newest_checkpoint(cfg.out_dir)
+    guard_resume(ckpt.state, cfg, ckpt.state["data_info"], ckpt.path)
+    return ckpt.state
 
 
-# --- One run per out-dir, stopping on signals, and the metrics log ---
+# ----------------------------------------------------------------------------------------------------------------------
+# 9. One run per out-dir, stopping on signals, and the metrics log
+# ----------------------------------------------------------------------------------------------------------------------
 
 class OutDirLock:
     """Keeps a second training process out of an out-dir by holding an exclusive lock on <out_dir>/train.lock.
 
     The lock is the operating system's (flock on POSIX, a byte-range lock on Windows), not the file's existence: the
     kernel releases it when its process ends in any way, SIGKILL and power loss included, so a crashed run never
-    leaves behind a lock to clear by hand, and two processes can never both believe they hold it. The file's text
-    (pid and host of the owner) is only for the message the second run prints.
+    leaves a lock to clear by hand. The file itself is never deleted (deleting it would let a newcomer lock a fresh
+    file while a third process still holds the old one); its text, the owner's pid and host, is for messages only.
     """
 
     HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK}  # "someone else has it", by platform
@@ -1157,45 +1255,31 @@ class OutDirLock:
     def __init__(self, out_dir):
         self.path, self.file = Path(out_dir) / "train.lock", None
 
-    @staticmethod
-    def _try_lock(file) -> None:
-        """Takes the lock without waiting; OSError if another process holds it or the file system cannot lock."""
-        if os.name == "nt":
-            import msvcrt
-            file.seek(1 << 30)  # lock a byte far past the text, which another process must still be able to read
-            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
     def __enter__(self):
-        while True:
-            try:
-                file = open(self.path, "a+")
-            except OSError as e:
-                raise UserError(f"cannot write into --out-dir {self.path.parent} ({one_line(e)}); "
-                                f"choose a writable folder") from None
-            try:
-                self._try_lock(file)
-            except OSError as e:
-                if e.errno not in self.HELD:  # a file system without locks (some cluster scratch disks)
-                    file.close()
-                    print(f"warning: cannot lock {self.path} ({one_line(e)}); training without the guard against "
-                          f"a second run in this folder", file=sys.stderr)
-                    return self
-                file.seek(0)
-                holder = file.read().strip() or "starting up"
-                file.close()
+        try:
+            file = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write into --out-dir {self.path.parent} ({one_line(e)}); "
+                            f"choose a writable folder") from None
+        try:
+            if os.name == "nt":
+                import msvcrt
+                file.seek(1 << 30)  # lock a byte far past the text, which another process must still be able to read
+                msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            file.seek(0)
+            holder = file.read().strip() or "starting up"
+            file.close()
+            if e.errno in self.HELD:
                 raise UserError(f"{self.path.parent} is in use by another training run ({holder}); wait for it "
                                 f"to finish or stop it, or use another --out-dir") from None
-            # The owner before us deletes the file on exit, perhaps between our open and our lock; a lock on a
-            # deleted file keeps nobody out, so check that ours is still the file at that path, else start over.
-            try:
-                if os.stat(self.path).st_ino == os.fstat(file.fileno()).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            file.close()
+            # Some cluster scratch file systems cannot lock at all: train anyway, and say so.
+            print(f"warning: cannot lock {self.path} ({one_line(e)}); training without the guard against "
+                  f"a second run in this folder", file=sys.stderr)
+            return self
         try:
             file.seek(0)
             file.truncate()
@@ -1207,13 +1291,8 @@ class OutDirLock:
         return self
 
     def __exit__(self, *exc):
-        if self.file is None:                  # ran without a lock
-            return
-        try:
-            self.path.unlink(missing_ok=True)  # while still locked (Windows refuses: the file then stays, harmless)
-        except OSError:
-            pass
-        self.file.close()                      # releases the lock
+        if self.file is not None:
+            self.file.close()  # releases the lock; the file stays for the next run to lock
 
 
 class AbortedBySignal(KeyboardInterrupt):
@@ -1261,8 +1340,7 @@ class MetricsLog:
     COLUMNS = ("step", "loss", "lr", "img_per_s", "skipped_steps")
 
     def __init__(self, path: Path, start_step: int):
-        self.path = path
-        kept = []
+        self.path, kept = path, []
         if path.exists():
             for line in path.read_text().splitlines(keepends=True)[1:]:
                 values = line.rstrip("\n").split(",")
@@ -1284,18 +1362,17 @@ class MetricsLog:
 
 
 def resume_command() -> str:
-    """The command that continues this run: the same command line with --resume (and without --overwrite).
-
-    Printed when a run stops on a signal, so that the user (or a cluster's requeue script) can paste it as it is;
-    shlex.quote keeps arguments with spaces intact.
-    """
+    """The command that continues this run: the same command line with --resume (and without --overwrite), quoted
+    so that a user or a cluster's requeue script can paste it as it is."""
     if not sys.argv or not sys.argv[0].endswith(".py"):
         return "call train() again with resume=True in the config"
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
     return " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *args, "--resume"])
 
 
-# --- The training loop ---
+# ----------------------------------------------------------------------------------------------------------------------
+# 10. The resumable training loop: Part I's train_step and EMA, with every piece of state in the inventory
+# ----------------------------------------------------------------------------------------------------------------------
 
 def amp_dtype(cfg: TrainConfig, device: torch.device):
     """The autocast dtype: bfloat16, or None for plain float32.
@@ -1306,41 +1383,104 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
     return torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda") else None
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW; on CUDA its fused kernel updates all parameters in a few launches."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=device.type == "cuda")
+@dataclass
+class LoopCounters:
+    """The loop's own variables, saved with the weights ("loop" in STATE_KEYS)."""
+    step: int = 0            # optimizer steps taken; a skipped NaN step counts (its data and noise were used)
+    loss_sum: float = 0.0    # the log window so far: the sum and number of its finite losses (saved, so that the
+    loss_count: int = 0      #   first row after a resume averages the same steps as an unbroken run's)
+    bad_streak: int = 0      # NaN/Inf losses in a row
+    skipped: int = 0         # NaN/Inf steps in all (a column of metrics.csv)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__init__(**state)
 
 
-def train_step(model_fn, model, diffusion, x0, y, cfg, dtype):
-    """Forward and backward on one batch, gradients clipped, no update yet (the caller first checks the loss).
+class GlobalRNG:
+    """The global generators that Diffusion.loss draws t, ε and label dropout from: the CPU's, and the training
+    GPU's, as one state_dict / load_state_dict pair for the inventory. A checkpoint from another kind of device
+    restores the CPU's only; on CUDA the state goes to the training device, whichever index it has now."""
 
-    Args: model_fn the (maybe compiled) callable, model the module that owns the parameters, x0 (B, …), y (B,) or
-    None, cfg for grad_clip, dtype from amp_dtype.  Returns: the loss and the gradient norm before clipping, as tensors.
-    Clipping the norm to 1 (as DDPM's released code does) keeps a rare huge gradient from wrecking Adam's moments.
-    """
-    with torch.autocast(x0.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = diffusion.loss(model_fn, x0, y)
-    loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    return loss, grad_norm
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "mps": torch.mps.get_rng_state() if self.device.type == "mps" else None}
+
+    def load_state_dict(self, states: dict) -> None:
+        torch.set_rng_state(states["torch"])
+        if self.device.type == "cuda" and states.get("cuda") is not None:
+            torch.cuda.set_rng_state(states["cuda"], self.device)
+        if self.device.type == "mps" and states.get("mps") is not None:
+            torch.mps.set_rng_state(states["mps"])
 
 
-def rng_states(device: torch.device) -> dict:
-    """The global random number generators the loop draws t, ε and label dropout from: the CPU's, and the GPU's."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "mps": torch.mps.get_rng_state() if device.type == "mps" else None}
+class Trainer:
+    """Everything a run holds, built freshly seeded, and the loop's one step. train() drives it; benchmark() times
+    the very same step."""
 
+    def __init__(self, model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, device: torch.device):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device = cfg, device
+        self.channels_last = data.x.dim() == 4 and device.type == "cuda"  # NHWC: what tensor-core convolutions want
+        self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else
+                              torch.preserve_format).train()
+        self.data, self.diffusion = data.to(device), diffusion.to(device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        # AdamW; on CUDA its fused kernel updates all parameters in a few launches.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=device.type == "cuda")
+        # The learning rate rises linearly to cfg.lr over cfg.warmup steps, then stays (as in DDPM's released code):
+        # Adam's first steps, taken with poor moment estimates, stay small.
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: min(1.0, (n + 1) / max(1, cfg.warmup)))
+        self.order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
+        self.rng, self.counters = GlobalRNG(device), LoopCounters()
+        self.model_fn = torch.compile(self.model) if cfg.compile else self.model  # `model` keeps the plain weights
+        self.amp = amp_dtype(cfg, device)
 
-def set_rng_states(states: dict, device: torch.device) -> None:
-    """Restores what rng_states saved (a checkpoint from another kind of device restores the CPU's only). On CUDA the
-    state goes to the training device, whichever index it has now (a resumed job may land on another GPU)."""
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and states.get("cuda") is not None:
-        torch.cuda.set_rng_state(states["cuda"], device)
-    if device.type == "mps" and states.get("mps") is not None:
-        torch.mps.set_rng_state(states["mps"])
+    def inventory(self) -> dict:
+        """STATE_KEYS → the object holding that piece of state; each has state_dict() and load_state_dict()."""
+        parts = (self.model, self.ema.model, self.optimizer, self.schedule, self.order, self.rng, self.counters)
+        return dict(zip(STATE_KEYS, parts))
+
+    def state(self) -> dict:
+        """The checkpoint: what the run is (HEADER_KEYS), then every piece of state in the inventory."""
+        header = dict(format=CKPT_FORMAT, version=CKPT_VERSION, step=self.counters.step, config=asdict(self.cfg),
+                      config_class=type(self.cfg).__name__, data_info=self.data.info())
+        return {**header, **{name: part.state_dict() for name, part in self.inventory().items()}}
+
+    def restore(self, state: dict) -> None:
+        for name, part in self.inventory().items():
+            part.load_state_dict(state[name])
+
+    def step(self) -> float:
+        """One step of [DDPM Alg. 1] on the next batch: train_step, then the update and the EMA if the loss and the
+        gradient are finite (else the update is skipped and counted). Returns the loss."""
+        cfg, c = self.cfg, self.counters
+        idx, flip = self.order.next()
+        x0, y = self.data.batch(idx.to(self.device), flip.to(self.device))
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss, grad_norm = train_step(self.model_fn, self.diffusion, x0, y, cfg.grad_clip, self.amp)
+        # The one wait for the device per step: whether to update depends on the loss and gradient being finite.
+        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizer.step()
+            self.ema.update(c.step)
+            c.loss_sum, c.loss_count, c.bad_streak = c.loss_sum + loss_value, c.loss_count + 1, 0
+        else:  # skip the update; the data and the RNGs move on as if it had happened, so resume stays exact
+            c.bad_streak, c.skipped = c.bad_streak + 1, c.skipped + 1
+            print(f"warning: step {c.step + 1}: loss {loss_value}, gradient norm {norm_value}; update skipped "
+                  f"({c.bad_streak} in a row)", file=sys.stderr)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        c.step += 1
+        return loss_value
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
@@ -1353,23 +1493,27 @@ def check_out_dir(cfg: TrainConfig) -> None:
                         f"or --overwrite to start over")
 
 
-def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, on_snapshot: Callable | None = None):
-    """Trains `model` to predict the noise [DDPM Alg. 1], with AdamW, warm-up, clipping, an EMA and checkpoints.
+def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, on_snapshot: Callable | None = None,
+          ckpt: Checkpoint | None = None):
+    """Trains `model` to predict the noise [DDPM Alg. 1] as Part I's fit() does, with warm-up, checkpoints, exact
+    resume, logs and guards.
 
     Args:
         model: the backbone (any nn.Module keeping the contract).  diffusion: the process and its loss.
         data: the training set.  cfg: a TrainConfig (cfg.resume continues the run in cfg.out_dir).
         on_snapshot: fn(ema_model, step), called every cfg.sample_every steps to save pictures.
+        ckpt: the checkpoint to resume from, if the caller has read it already (see open_saved_run).
     Returns:
         The EMA model, in eval mode on the training device: the one to sample from.
     Raises:
         UserError for a problem the user can fix; TrainingInterrupted after SIGINT/SIGTERM, its checkpoint written.
     """
-    device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
-    if len(data.x) == 0:
-        raise UserError("the training set is empty; give it at least one example")
+    cfg.check()
     if data.x.is_floating_point() and not data.x.isfinite().all():
         raise UserError("the training data holds NaN or Inf values; clean or drop those examples")
+    if len(data.x) == 0:
+        raise UserError("the training set is empty; give it at least one example")
+    device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
     check_out_dir(cfg)  # decide what this run is before touching the disk: a refused run changes nothing
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1377,192 +1521,115 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
         problem = "it is a file" if out_dir.is_file() else one_line(e)
         raise UserError(f"cannot create --out-dir {out_dir} ({problem}); choose a writable folder") from None
     with OutDirLock(out_dir), StopOnSignal() as stop:
-        return _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop)
+        check_out_dir(cfg)  # again, now that no other run can change the folder: one may have finished meanwhile
+        for leftover in out_dir.glob(".*.tmp-*"):  # halves of files whose writer was killed
+            leftover.unlink()
+        if cfg.overwrite:
+            for old in find_checkpoints(out_dir) + [out_dir / "metrics.csv"]:
+                old.unlink(missing_ok=True)
+        trainer = Trainer(model, diffusion, data, cfg, device)
+        if cfg.resume:
+            # The checkpoint the caller read, unless another run has written a newer one since.
+            newest = find_checkpoints(out_dir)[0]
+            if ckpt is None or ckpt.path != newest or newest.stat().st_mtime_ns != ckpt.mtime_ns:
+                ckpt = newest_checkpoint(out_dir)
+            guard_resume(ckpt.state, cfg, trainer.data.info(), ckpt.path)
+            set_aside_unusable(out_dir, ckpt.path)
+            trainer.restore(ckpt.state)
+            print(f"resuming from {ckpt.path} at step {trainer.counters.step}")
+        return _train_loop(trainer, on_snapshot, out_dir, stop)
 
 
-def _train_loop(model, diffusion, data, cfg, on_snapshot, device, out_dir, stop):
-    """The body of train(), run while holding the out-dir's lock and the signal handlers."""
-    check_out_dir(cfg)  # again, now that no other run can change the folder: one may have finished in it meanwhile
-    for leftover in out_dir.glob(".*.tmp-*"):  # halves of files whose writer was killed
-        leftover.unlink()
-    if cfg.overwrite:
-        for old in find_checkpoints(out_dir) + [out_dir / "metrics.csv"]:
-            old.unlink(missing_ok=True)
-
-    # 1. Everything the loop uses, freshly seeded. Exact resume rests on an inventory of state: the weights, the EMA,
-    #    Adam's moments and step count, the LR schedule's position, the step, the data order, and the RNGs that draw
-    #    t, ε and the label dropout (torch's CPU generator, and the GPU's). Miss one and a resumed run drifts.
-    torch.manual_seed(cfg.seed)
-    images = data.x.dim() == 4
-    channels_last = images and device.type == "cuda"   # NHWC: the layout tensor-core convolutions want
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).train()
-    data, diffusion = data.to(device), diffusion.to(device)
-    ema = EMA(model, cfg.ema_decay)
-    optimizer = make_optimizer(model, cfg, device)
-    # The learning rate rises linearly, cfg.lr/warmup per step, to cfg.lr at step cfg.warmup, then stays there (as in
-    # DDPM's released code): Adam's early steps, taken with poor moment estimates, stay small.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / max(1, cfg.warmup)))
-    order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
-    model_fn = torch.compile(model) if cfg.compile else model  # compiled for speed; `model` keeps the plain weights
-    dtype = amp_dtype(cfg, device)
-    step, loss_sum, loss_count, bad_streak, skipped = 0, 0.0, 0, 0, 0
-
-    # 2. Or all of it as it was at the last checkpoint (the newest readable one; guard_resume refuses a checkpoint of
-    #    a different model or data set before anything is loaded into this one).
-    if cfg.resume:
-        state, path = load_latest_checkpoint(out_dir)
-        guard_resume(state, cfg, data.info(), path)
-        set_aside_unusable(out_dir, path)
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["lr_schedule"])
-        order.load_state_dict(state["data_order"])
-        set_rng_states(state["rng"], device)
-        step = state["step"]
-        loss_sum, loss_count, bad_streak, skipped = state["loop"]
-        print(f"resuming from {path} at step {step}")
-    if step >= cfg.steps:
-        print(f"nothing to train: the checkpoint is at step {step}, and --steps is {cfg.steps}")
+def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal):
+    """The loop of train(): a step, then the bookkeeping (log, snapshot, checkpoint, stop), in an order that matters:
+    the log row of step n is written before the checkpoint of step n, so a crash between the two re-logs step n after
+    resuming, and MetricsLog drops the first copy."""
+    cfg, c = trainer.cfg, trainer.counters
+    if c.step >= cfg.steps:
+        print(f"nothing to train: the checkpoint is at step {c.step}, and --steps is {cfg.steps}")
     elif cfg.warmup > cfg.steps:
         print(f"warning: --warmup {cfg.warmup} is longer than the run (--steps {cfg.steps}): the learning rate never "
               f"reaches --lr {cfg.lr}; lower --warmup for a short run", file=sys.stderr)
-    metrics = MetricsLog(out_dir / "metrics.csv", step)
-
-    def checkpoint():
-        metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
-        return save_checkpoint({
-            "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
-            "config": asdict(cfg), "config_class": type(cfg).__name__, "data_info": data.info(),
-            "model": model.state_dict(), "ema": ema.model.state_dict(),
-            "optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict(), "data_order": order.state_dict(),
-            "rng": rng_states(device),
-            # The half-finished log window too, so that the next log row after a resume averages the same steps.
-            "loop": [loss_sum, loss_count, bad_streak, skipped],
-        }, out_dir, cfg.keep_ckpts)
-
-    # 3. The loop [DDPM Alg. 1]: sample a batch, take a gradient step on the noise-prediction loss, repeat. Each step
-    #    ends with the bookkeeping, in an order that matters: the log row for step n is written before the checkpoint
-    #    of step n, so a crash between the two re-logs step n after resuming, and MetricsLog drops the first copy.
-    tic, window_steps = time.perf_counter(), 0
-    while step < cfg.steps:
-        idx, flip = order.next()
-        x0, y = data.batch(idx.to(device), flip.to(device))
-        if channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss, grad_norm = train_step(model_fn, model, diffusion, x0, y, cfg, dtype)
-        # The one wait for the device per step: the update depends on whether loss and gradient are finite.
-        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
-            optimizer.step()
-            ema.update(step)
-            loss_sum, loss_count, bad_streak = loss_sum + loss_value, loss_count + 1, 0
-        else:  # skip the update; the data and the RNGs move on as if it had happened, so resume stays exact
-            bad_streak, skipped = bad_streak + 1, skipped + 1
-            print(f"warning: step {step + 1}: loss {loss_value}, gradient norm {norm_value}; update skipped "
-                  f"({bad_streak} in a row)", file=sys.stderr)
-            if bad_streak >= cfg.max_bad_steps:
-                saved = find_checkpoints(out_dir)
-                kept = f"the last good checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written"
-                raise UserError(f"the loss was NaN or Inf for {bad_streak} steps in a row (up to step {step + 1}); "
-                                f"training stopped and {kept}. Lower --lr, or try --amp none")
-        optimizer.zero_grad(set_to_none=True)
-        lr = schedule.get_last_lr()[0]  # the rate this step used
-        schedule.step()
-        step, window_steps = step + 1, window_steps + 1
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - tic
-            rate = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-            mean_loss = loss_sum / loss_count if loss_count else float("nan")
-            eta = int((cfg.steps - step) * cfg.batch_size / max(rate, 1e-9))
-            print(f"step {step}/{cfg.steps} ({100 * step // cfg.steps}%) | loss {mean_loss:.4f} | lr {lr:.1e} | "
+    metrics = MetricsLog(out_dir / "metrics.csv", c.step)
+    tic, window = time.perf_counter(), 0  # wall time of the steps since the last log line (sampling and saving left out)
+    while c.step < cfg.steps:
+        lr = trainer.schedule.get_last_lr()[0]  # the rate this step uses
+        trainer.step()
+        window += 1
+        if c.bad_streak >= cfg.max_bad_steps:
+            saved = find_checkpoints(out_dir)
+            kept = f"the last good checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written"
+            raise UserError(f"the loss was NaN or Inf for {c.bad_streak} steps in a row (up to step {c.step}); "
+                            f"training stopped and {kept}. Lower --lr, or try --amp none")
+        if c.step % cfg.log_every == 0 or c.step == cfg.steps:
+            rate = window * cfg.batch_size / max(time.perf_counter() - tic, 1e-9)
+            mean_loss = c.loss_sum / c.loss_count if c.loss_count else float("nan")
+            eta = int((cfg.steps - c.step) * cfg.batch_size / max(rate, 1e-9))
+            print(f"step {c.step}/{cfg.steps} ({100 * c.step // cfg.steps}%) | loss {mean_loss:.4f} | lr {lr:.1e} | "
                   f"{rate:,.0f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
-            metrics.append(step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", skipped)
-            loss_sum, loss_count = 0.0, 0
-            tic, window_steps = time.perf_counter(), 0
-        # Pictures come from the EMA weights, the ones a user samples from at the end; the EMA model is in eval mode,
-        # so dropout is off there while the training model keeps it.
-        if on_snapshot is not None and cfg.sample_every and step % cfg.sample_every == 0:
-            on_snapshot(ema.model, step)
-            tic, window_steps = time.perf_counter(), 0  # sampling time is not training speed
+            metrics.append(c.step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", c.skipped)
+            c.loss_sum, c.loss_count = 0.0, 0
+            tic, window = time.perf_counter(), 0
+        # Pictures come from the EMA weights, the ones a user samples from at the end (in eval mode: no dropout).
+        if on_snapshot is not None and cfg.sample_every and c.step % cfg.sample_every == 0:
+            on_snapshot(trainer.ema.model, c.step)
+            tic, window = time.perf_counter(), 0
         stopping = stop.signum  # read once: a signal arriving between two reads must not skip the save
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-            path = checkpoint()
-            tic, window_steps = time.perf_counter(), 0
+        if c.step % cfg.ckpt_every == 0 or c.step == cfg.steps or stopping:
+            metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
+            path = save_checkpoint(trainer.state(), out_dir, cfg.keep_ckpts)
+            tic, window = time.perf_counter(), 0
         if stopping:
-            name = signal.Signals(stopping).name
-            raise TrainingInterrupted(f"stopped by {name} at step {step}/{cfg.steps}; checkpoint saved to {path}\n"
-                                      f"resume with: {resume_command()}", 128 + stopping)
-    return ema.model
+            raise TrainingInterrupted(f"stopped by {signal.Signals(stopping).name} at step {c.step}/{cfg.steps}; "
+                                      f"checkpoint saved to {path}\nresume with: {resume_command()}", 128 + stopping)
+    return trainer.ema.model
 
 
 def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, steps: int = 50, warmup: int = 10):
-    """Times `steps` training steps after `warmup` ones and prints img/s, FLOPs per image, TFLOP/s and peak memory.
+    """Times `steps` training steps of the loop's own Trainer.step (EMA, LR schedule and the per-step sync included)
+    after `warmup` ones; prints img/s, FLOPs per image, TFLOP/s and peak memory. Writes nothing; returns a dict.
 
-    Writes nothing. FLOPs are counted on one eager step by torch.utils.flop_counter (forward and backward; the
-    matmuls and convolutions, which are nearly all of it). Returns the figures as a dict.
+    FLOPs are counted on one eager step by torch.utils.flop_counter (forward and backward; the matmuls and
+    convolutions, which are nearly all of it).
     """
     from torch.utils.flop_counter import FlopCounterMode
-    # The same set-up as _train_loop (layout, device-resident data, optimizer, amp, compile), without checkpoints:
-    # the figures are those of a real training step.
     device = choose_device(cfg.device)
-    images = data.x.dim() == 4 and device.type == "cuda"
-    model.to(device, memory_format=torch.channels_last if images else torch.preserve_format).train()
-    data, diffusion = data.to(device), diffusion.to(device)
-    optimizer, dtype = make_optimizer(model, cfg, device), amp_dtype(cfg, device)
-    order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
-    model_fn = torch.compile(model) if cfg.compile else model
-
-    def one_step(fn):
-        idx, flip = order.next()
-        x0, y = data.batch(idx.to(device), flip.to(device))
-        if images:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        train_step(fn, model, diffusion, x0, y, cfg, dtype)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    # FLOPs on the eager model: the counter sees each matmul and convolution of the forward and backward pass.
+    trainer = Trainer(model, diffusion, data, cfg, device)
     with FlopCounterMode(display=False) as counter:
-        one_step(model)
+        x0, y = trainer.data.batch(*(t.to(device) for t in trainer.order.next()))
+        train_step(trainer.model, trainer.diffusion, x0, y, cfg.grad_clip, trainer.amp)
+        trainer.optimizer.zero_grad(set_to_none=True)
     flops_per_image = counter.get_total_flops() / cfg.batch_size
     # Warm-up steps are not timed: they include torch.compile's compilation and cuDNN's search for the fastest
     # convolution algorithms (cudnn.benchmark), both paid once per run.
     for _ in range(warmup):
-        one_step(model_fn)
-    # GPU kernels run asynchronously: wait for them before reading the clock, or the time would be the launch time.
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        trainer.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync()
+        torch.cuda.synchronize()  # GPU kernels run asynchronously: the clock starts once they are done
     tic = time.perf_counter()
     for _ in range(steps):
-        one_step(model_fn)
-    sync()
+        trainer.step()  # ends by reading the loss, which waits for the GPU: the clock stops on finished work
     seconds = time.perf_counter() - tic
     img_per_s = steps * cfg.batch_size / seconds
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        memory = f"{peak:.2f} GiB peak GPU memory"
+        peak, where = torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
     else:
         import resource  # peak resident memory of the whole process (Linux reports KiB)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        memory = f"{peak:.2f} GiB peak process memory"
+        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process"
     tflops = flops_per_image * img_per_s / 1e12
     params = sum(p.numel() for p in model.parameters())
-    print(f"bench: {params / 1e6:.1f}M parameters | batch {cfg.batch_size} | amp {dtype or 'none'} | compile "
+    print(f"bench: {params / 1e6:.1f}M parameters | batch {cfg.batch_size} | amp {trainer.amp or 'none'} | compile "
           f"{cfg.compile} | {steps} steps in {seconds:.2f} s | {img_per_s:,.0f} img/s | "
-          f"{flops_per_image / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.1f} TFLOP/s | {memory}")
+          f"{flops_per_image / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.1f} TFLOP/s | {peak:.2f} GiB peak {where} memory")
     return {"img_per_s": img_per_s, "flops_per_image": flops_per_image, "tflops": tflops, "peak_gib": peak}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 6. Script support: the command-line runner, plots, and the image experiments (train_mnist.py, train_cifar.py)
-# ----------------------------------------------------------------------------------------------------------------------
 
 def cli(config_cls, main: Callable, argv=None) -> int:
-    """Runs main(cfg) with cfg parsed from the command line, and returns the process exit status:
+    """Runs main(cfg, ckpt) with cfg parsed from the command line (ckpt: the run's checkpoint, read once, for
+    --resume and --sample-only; else None), and returns the process exit status:
     0 done; 1 a problem the printed line explains; 2 a malformed command line; 128 + signal number (130 for Ctrl-C,
     143 for SIGTERM) when stopped by a signal: after the first, with a checkpoint of the step reached (the printed
     command resumes it); after a second one, at once, with the last checkpoint written before intact."""
@@ -1573,10 +1640,11 @@ def cli(config_cls, main: Callable, argv=None) -> int:
     cfg = config_cls(**given)
     # Everything the user can fix arrives here as a UserError with one line; only a bug leaves a traceback.
     try:
+        ckpt = None
         if cfg.resume or cfg.sample_only:
-            cfg = with_saved_settings(cfg, given)
+            cfg, ckpt = open_saved_run(cfg, given)
         cfg.check()
-        main(cfg)
+        main(cfg, ckpt)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -1830,15 +1898,16 @@ def build_image_model(cfg: ImageConfig, channels: int, num_classes: int) -> UNet
     return model
 
 
-def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
-    """main() of train_mnist.py and train_cifar.py. load_builtin(cfg) -> Data loads the torchvision data set.
+def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None = None) -> None:
+    """main() of train_mnist.py and train_cifar.py. load_builtin(cfg) -> Data loads the torchvision data set; ckpt
+    is the run's checkpoint when cli has read it.
 
     --bench times training on random data; --sample-only samples a saved run; otherwise train (or resume), then
     write samples.png (one row per class), reverse.png, loss.png and, with --dump-samples, single PNGs.
     """
-    device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
-    # With --sample-only, cfg already holds the checkpoint's T and schedule (with_saved_settings, load_for_sampling).
-    diffusion = Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond).to(device)
+    out_dir = Path(cfg.out_dir)
+    # With --resume and --sample-only, cfg already holds the checkpoint's T and schedule (open_saved_run).
+    diffusion = Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond)
     if cfg.bench:  # random pixels: the speed of a step does not depend on what the images show
         x = torch.randint(0, 256, (max(4 * cfg.batch_size, 256), cfg.channels, cfg.image_size, cfg.image_size),
                           dtype=torch.uint8)
@@ -1846,12 +1915,14 @@ def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
         benchmark(build_image_model(cfg, cfg.channels, num_classes=10), diffusion, data, cfg)
         return
     if cfg.sample_only:
-        cfg, state = load_for_sampling(cfg)
+        state = load_for_sampling(cfg, ckpt)
         class_names = state["data_info"]["class_names"]
         labels = labels_to_draw(cfg.label, class_names)
         model = build_image_model(cfg, state["data_info"]["shape"][0], len(class_names))
         model.load_state_dict(state["ema"])
+        device = choose_device(cfg.device)
         model.to(device).eval()
+        diffusion.to(device)
     else:
         check_out_dir(cfg)  # refuse a wrong --resume or --overwrite now, not after loading the data
         data = load_image_folder(cfg) if cfg.data else load_builtin(cfg)
@@ -1868,7 +1939,7 @@ def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
             save_class_grid(diffusion, ema_model, cfg, class_names, list(range(len(class_names))),
                             out_dir / "samples" / f"step_{step:06d}.png", f"step {step:,}, guidance {cfg.guidance}")
 
-        model = train(model, diffusion, data, cfg, on_snapshot=snapshot)
+        model = train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
         plot_loss(out_dir)
     tic = time.perf_counter()
     save_class_grid(diffusion, model, cfg, class_names, labels, out_dir / "samples.png",

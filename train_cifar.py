@@ -45,8 +45,8 @@ def load_cifar(cfg: CifarConfig) -> ddpm.Data:
     return ddpm.Data(images, torch.tensor(cifar.targets), tuple(cifar.classes), hflip=cfg.hflip)
 
 
-def main(cfg: CifarConfig) -> None:
-    ddpm.run_images(cfg, load_cifar)
+def main(cfg: CifarConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
+    ddpm.run_images(cfg, load_cifar, ckpt)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def load_mnist(cfg: MnistConfig) -> ddpm.Data:
     return ddpm.Data(mnist.data[:, None], mnist.targets, tuple(str(i) for i in range(10)), hflip=cfg.hflip)
 
 
-def main(cfg: MnistConfig) -> None:
-    ddpm.run_images(cfg, load_mnist)
+def main(cfg: MnistConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
+    ddpm.run_images(cfg, load_mnist, ckpt)
 
 
 if __name__ == "__main__":

@@ -110,15 +110,17 @@ def build_model(cfg: MoonsConfig) -> ddpm.MLP:
     return ddpm.MLP(dim=2, hidden=cfg.hidden, depth=cfg.depth, num_classes=2 if cfg.class_cond else 0)
 
 
-def main(cfg: MoonsConfig) -> None:
-    device, out_dir = ddpm.choose_device(cfg.device), Path(cfg.out_dir)
+def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
+    out_dir = Path(cfg.out_dir)
+    diffusion = ddpm.Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond)
     if cfg.sample_only:
-        cfg, state = ddpm.load_for_sampling(cfg)
+        state = ddpm.load_for_sampling(cfg, ckpt)
         mean, std = torch.tensor(state["data_info"]["mean"]), torch.tensor(state["data_info"]["std"])
         model = build_model(cfg)
         model.load_state_dict(state["ema"])
+        device = ddpm.choose_device(cfg.device)
         model.to(device).eval()
-        diffusion = ddpm.Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond).to(device)
+        diffusion.to(device)
     else:
         points, labels = make_moons(cfg.num_points, cfg.noise, torch.Generator().manual_seed(cfg.seed))
         mean, std = points.mean(0), points.std(0)
@@ -128,20 +130,19 @@ def main(cfg: MoonsConfig) -> None:
                          ("upper", "lower") if cfg.class_cond else (), meta={"mean": mean.tolist(), "std": std.tolist()})
         torch.manual_seed(cfg.seed)
         model = build_model(cfg)
-        diffusion = ddpm.Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond)
 
         def snapshot(ema_model, step):
-            y = (torch.arange(1000) % 2).to(device) if cfg.class_cond else None
+            y = (torch.arange(1000) % 2) if cfg.class_cond else None
             x = ddpm.draw(diffusion, ema_model, cfg, (1000, 2), y=y, generator=torch.Generator().manual_seed(cfg.seed))
             plot_points([(f"EMA samples at step {step:,}", x.cpu() * std + mean)],
                         out_dir / "snapshots" / f"step_{step:06d}.png")
 
-        model = ddpm.train(model, diffusion, data, cfg, on_snapshot=snapshot)
+        model = ddpm.train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
         ddpm.plot_loss(out_dir)
 
     # Final samples from the EMA model, with the whole trajectory for the animation.
     n = cfg.num_samples
-    y = (torch.arange(n) % 2).to(device) if cfg.class_cond else None
+    y = (torch.arange(n) % 2) if cfg.class_cond else None
     samples, trajectory = ddpm.draw(diffusion, model, cfg, (n, 2), y=y,
                                     generator=torch.Generator().manual_seed(cfg.seed), return_trajectory=True)
     samples = samples.cpu() * std + mean
