@@ -237,8 +237,7 @@ class Diffusion(nn.Module):
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t·I) [DDPM Eqs. 6–7].
 
-        Args: x0, x_t (B, …), t (B,).  Returns: mean (B, …) and variance (B, 1, …, 1).
-        """
+        Args: x0, x_t (B, …), t (B,).  Returns: mean (B, …) and variance (B, 1, …, 1)."""
         # [DDPM Eq. 7] μ̃_t = √ᾱ_{t−1}·β_t/(1 − ᾱ_t)·x_0 + √α_t·(1 − ᾱ_{t−1})/(1 − ᾱ_t)·x_t
         mean = broadcast(self.posterior_mean_coef1, t, x_t) * x0 + broadcast(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, broadcast(self.posterior_variance, t, x_t)
@@ -271,8 +270,7 @@ class Diffusion(nn.Module):
             generator: source of all the noise, for reproducible samples.
             clip_x0: clamp x̂_0 to [−1, 1] at every step (images live there; leave off for unbounded data).
             return_trajectory: also return every x_t.
-        Returns:
-            x_0 (B, …); with return_trajectory also a (T + 1, B, …) CPU tensor x_T, …, x_0.
+        Returns: x_0 (B, …); with return_trajectory also a (T + 1, B, …) CPU tensor x_T, …, x_0.
         """
         device = self.betas.device
         y = None if y is None else check_labels(y, getattr(model, "num_classes", None)).to(device)
@@ -401,16 +399,18 @@ class MLP(nn.Module):
 
     The point is lifted to `hidden` features; each block adds the embedding of t (and y) to the features and a small
     two-layer MLP of the sum back onto them (residual connections keep a deep stack easy to train).
-    Args: dim data dimension, hidden width, depth residual blocks, num_classes (0: unconditional).
+    Args: dim data dimension, hidden width, depth residual blocks, num_classes (0: unconditional), fourier: also
+    feed sin(2^k·x) and cos(2^k·x) for k < fourier, so that thin structures (the arcs of the moons) are easy to fit.
     forward(x_t (B, dim), t (B,), y (B,) or None) -> noise_pred (B, dim).
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int = 0):
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int = 0, fourier: int = 0):
         super().__init__()
         self.hidden, self.num_classes = hidden, num_classes
+        self.register_buffer("freqs", 2.0 ** torch.arange(fourier, dtype=torch.float32), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embed = ClassEmbedding(num_classes, hidden) if num_classes > 0 else None
-        self.inp = nn.Linear(dim, hidden)
+        self.inp = nn.Linear(dim * (1 + 2 * fourier), hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth))
@@ -420,7 +420,8 @@ class MLP(nn.Module):
 
     def forward(self, x_t, t, y=None):                 # x_t (B, dim), t (B,), y (B,) or None
         emb = embed_conditions(t, y, self.hidden, self.time_mlp, self.class_embed, x_t.shape[0])  # (B, hidden)
-        h = self.inp(x_t)                               # (B, hidden)
+        angles = (x_t[:, :, None] * self.freqs).flatten(1)                    # (B, dim·fourier)
+        h = self.inp(torch.cat([x_t, angles.sin(), angles.cos()], dim=1))      # (B, hidden)
         for block in self.blocks:
             h = h + block(h + emb)                      # every block sees t (and y)
         return self.out(F.silu(h))                      # (B, dim)
@@ -626,10 +627,9 @@ def build_unet(preset: str, in_ch: int, image_size: int, num_classes: int) -> UN
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. Training, the whole idea
 # ----------------------------------------------------------------------------------------------------------------------
-# [DDPM Alg. 1] repeats: take x_0 from the data, t ~ Uniform({1, …, T}), ε ~ N(0, I), and a gradient step on
-# ‖ε − ε_θ(√ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, t)‖². Diffusion.loss is all of that but the step; here are the step, the moving
-# average of the weights that samples come from [DDPM App. B], and the loop. Part II's train() runs the same
-# train_step and EMA, with checkpoints, logs and guards around them.
+# [DDPM Alg. 1] repeats: x_0 from the data, t ~ Uniform({1, …, T}), ε ~ N(0, I), a gradient step on
+# ‖ε − ε_θ(√ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, t)‖². Diffusion.loss is all but the step; here are the step, the weights' moving
+# average that samples come from [DDPM App. B], and the loop. Part II's train() runs the same train_step and EMA.
 
 class EMA:
     """An exponential moving average of a model's weights, θ_ema ← d·θ_ema + (1 − d)·θ after every step.
@@ -659,9 +659,9 @@ def train_step(model, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor | 
                amp_dtype: torch.dtype | None = None):
     """The gradient of one batch's loss [DDPM Alg. 1, lines 2–5], clipped; the optimizer step is the caller's.
 
-    Args: model the backbone (plain, compiled or wrapped for several GPUs), x0 (B, …), y (B,) or None, grad_clip
-    the largest gradient norm (0: no clipping), amp_dtype torch.bfloat16 for a mixed-precision forward pass.
-    Returns: the loss and the gradient norm before clipping, as 0-dim tensors (not read here: no wait for a GPU).
+    Args: model (plain, compiled or wrapped for several GPUs), x0 (B, …), y (B,) or None, grad_clip the largest
+    gradient norm (0: none), amp_dtype torch.bfloat16 for mixed precision.  Returns: the loss and the gradient norm
+    before clipping, as 0-dim tensors (not read here, so no wait for a GPU).
     """
     with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = diffusion.loss(model, x0, y)
@@ -769,7 +769,7 @@ class TrainConfig:
     resume: bool = False            # continue the run in --out-dir with its saved settings (give only what changes)
     overwrite: bool = False         # start afresh over a checkpoint (deletes checkpoints and metrics.csv, not pictures)
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    seed: int = 0                   # seeds the weights, the noise and the data order
+    seed: int = 0                   # seeds the weights, the noise and the data order (and the samples drawn)
     num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]; below ~50 see make_beta_schedule
     schedule: str = "linear"        # noise schedule: linear [DDPM] or cosine [IDDPM]
     p_uncond: float = 0.1           # probability of training on the null label, for guidance [CFG: 0.1 to 0.2]
@@ -777,6 +777,7 @@ class TrainConfig:
     batch_size: int = 128           # examples per step [DDPM CIFAR-10: 128]
     lr: float = 2e-4                # AdamW learning rate after the warm-up [DDPM CIFAR-10: 2e-4]
     warmup: int = 1000              # steps over which the learning rate rises linearly to --lr [DDPM code: 5000]
+    lr_decay: str = "none"          # then: none (constant, as DDPM) or cosine (down to 0 at --steps)
     weight_decay: float = 0.0       # AdamW weight decay (0 is plain Adam, as in DDPM)
     grad_clip: float = 1.0          # clip the gradient norm to this (0: no clipping) [DDPM: 1]
     ema_decay: float = 0.9999       # decay of the moving average of the weights that samples come from [DDPM: 0.9999]
@@ -798,8 +799,10 @@ class TrainConfig:
     RESUMABLE: ClassVar[frozenset] = frozenset({
         "out_dir", "resume", "overwrite", "device", "steps", "amp", "compile", "max_bad_steps", "log_every",
         "sample_every", "ckpt_every", "keep_ckpts", "sample_only", "sampler", "sample_steps", "num_samples",
-        "guidance"})
-    CHOICES: ClassVar[dict] = {"schedule": SCHEDULES, "sampler": ("ddpm", "ddim"), "amp": ("auto", "bf16", "none")}
+        "guidance", "seed"})  # seed: the weights, data order and RNGs come from the checkpoint; it sets the samples
+    CHOICES: ClassVar[dict] = {"schedule": SCHEDULES, "sampler": ("ddpm", "ddim"), "amp": ("auto", "bf16", "none"),
+                               "lr_decay": ("none", "cosine")}
+    METAVARS: ClassVar[dict] = {"out_dir": "DIR", "device": "DEVICE"}  # what --help shows for a value (else INT …)
     AT_LEAST: ClassVar[dict] = {**dict.fromkeys(("steps", "batch_size", "num_timesteps", "log_every", "ckpt_every",
                                                  "keep_ckpts", "num_samples", "sample_steps", "max_bad_steps"), 1),
                                 **dict.fromkeys(("warmup", "sample_every", "grad_clip", "weight_decay", "guidance"), 0)}
@@ -852,14 +855,15 @@ class _OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_given(cls, argv=None) -> dict:
+def parse_given(cls, argv=None, epilog: str | None = None) -> dict:
     """The settings given on the command line, as {field: value}; fields not given are left out (so that --resume
     and --sample-only can take them from the run's checkpoint).
 
     The dataclass is the single source of truth: each field becomes --field-name (booleans --flag/--no-flag), typed
     by its default, with the comment after it as --help text. Exits with status 2 and one line on a bad flag or value.
     """
-    parser = _OneLineArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0],
+    parser = _OneLineArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0], epilog=epilog,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's lines
                                     argument_default=argparse.SUPPRESS)  # absent flags stay absent
     helps = config_help(cls)
     for f in fields(cls):
@@ -872,7 +876,7 @@ def parse_given(cls, argv=None) -> dict:
         else:  # the default's type parses the text: "3e-4" → float, "64" → int
             choices = cls.CHOICES.get(f.name)
             kwargs.update(type=type(f.default), choices=choices,
-                          metavar=None if choices else type(f.default).__name__.upper())  # None: {a,b,c}
+                          metavar=None if choices else cls.METAVARS.get(f.name, type(f.default).__name__.upper()))
         parser.add_argument(flag(f.name), **kwargs)
     return vars(parser.parse_args(argv))
 
@@ -999,7 +1003,7 @@ STATE_KEYS = (
     "rng",          # the global generators the loss draws t, ε and label dropout from
     "loop",         # the step, the half-finished log window and the NaN counters
 )
-HEADER_KEYS = ("format", "version", "step", "config", "config_class", "data_info")  # what the run was
+HEADER_KEYS = ("format", "version", "step", "config", "config_class", "script", "data_info")  # what the run is
 CKPT_FORMAT, CKPT_VERSION = "diffusionlab-checkpoint", 2
 
 
@@ -1111,10 +1115,15 @@ def save_checkpoint(state: dict, out_dir, keep: int = 2) -> Path:
     state = to_cpu(state)
     state["checksum"] = state_checksum(state)
 
-    def shift_older():
-        for path in reversed(find_checkpoints(out_dir)):
-            age = 0 if path.name == "ckpt.pt" else int(path.name.split(".")[1])
-            os.replace(path, checkpoint_path(out_dir, age + 1))
+    def shift_older():  # the i-th newest becomes ckpt.<i+1>.pt, which also closes a gap left by a fallback
+        found = find_checkpoints(out_dir)
+        ages = [0 if path.name == "ckpt.pt" else int(path.name.split(".")[1]) for path in found]
+        # No rename may land on a file still to be moved: first the moves down into a gap, newest first, then the
+        # moves up by one, oldest first.
+        down = [i for i in range(len(found)) if ages[i] > i + 1]
+        up = [i for i in reversed(range(len(found))) if ages[i] == i]
+        for i in down + up:
+            os.replace(found[i], checkpoint_path(out_dir, i + 1))
         fsync_dir(out_dir)  # the shifts reach the disk before the rename that depends on them
 
     with disk_errors(f"a checkpoint into {out_dir}", RuntimeError):  # torch.save reports ENOSPC as RuntimeError
@@ -1131,7 +1140,12 @@ def load_checkpoint(path) -> dict:
     is refused before any of it runs.
     """
     try:
+        with open(path, "rb") as f:  # torch.save writes a zip archive: anything else is no checkpoint at all
+            if f.read(4) != b"PK\x03\x04":
+                raise CheckpointError(f"{path} is not a checkpoint: not a file written by torch.save")
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:  # any failure to read an untrusted file is the file's fault, so report it as such
         if "Weights only load failed" in str(e):
             raise CheckpointError(f"refusing to load {path}: it holds pickled Python objects, not only tensors, and "
@@ -1180,9 +1194,8 @@ def set_aside_unusable(out_dir, used: Path) -> None:
 
     Left in place they would move down the line at the next save and push the good older checkpoints out.
     """
-    for path in find_checkpoints(out_dir):
-        if path == used:
-            return
+    found = find_checkpoints(out_dir)
+    for path in found[:found.index(used)]:
         aside, n = path.with_name(path.name + ".unusable"), 1
         while aside.exists():  # an earlier fallback's file: keep it too
             aside, n = path.with_name(f"{path.name}.unusable.{n}"), n + 1
@@ -1209,6 +1222,12 @@ def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
                         f"out to use the checkpoint's settings, or train afresh with a new --out-dir or --overwrite")
 
 
+def script_name(cfg: TrainConfig) -> str:
+    """What trained a run, for messages: the script's file name, or the config class's name from Python."""
+    main = sys.argv[0] if sys.argv else ""
+    return Path(main).name if main.endswith(".py") and Path(main).stem.startswith("train") else type(cfg).__name__
+
+
 def open_saved_run(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, Checkpoint | None]:
     """For --resume and --sample-only: the run's newest usable checkpoint, and the settings it was trained with
     with the flags given now on top, so that `--resume` alone continues a run however it was started.
@@ -1219,6 +1238,12 @@ def open_saved_run(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, Checkpoi
     if not find_checkpoints(cfg.out_dir):
         return cfg, None
     ckpt = newest_checkpoint(cfg.out_dir)
+    if ckpt.state["config_class"] != type(cfg).__name__:  # another script's run: its settings mean nothing here
+        saved, data = ckpt.state["config"], ckpt.state["data_info"]
+        about = (f"U-Net {saved['model']!r}" if "model" in saved else "MLP") + " on " + "×".join(
+            map(str, data["shape"])) + " data" + (f", {len(data['class_names'])} classes" if data["class_names"] else "")
+        raise UserError(f"{cfg.out_dir} holds a {ckpt.state['script']} run ({about}), not one of {script_name(cfg)}; "
+                        f"use {ckpt.state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
     names = {f.name for f in fields(cfg)}
     saved = {k: v for k, v in ckpt.state["config"].items() if k in names}
     return type(cfg)(**{**saved, **given, "out_dir": cfg.out_dir}), ckpt
@@ -1420,6 +1445,15 @@ class GlobalRNG:
             torch.mps.set_rng_state(states["mps"])
 
 
+def lr_factor(n: int, cfg: TrainConfig) -> float:
+    """The learning rate at step n, as a fraction of cfg.lr. It rises linearly over cfg.warmup steps (as in DDPM's
+    released code: Adam's first steps, taken with poor moment estimates, stay small), then stays, or with
+    --lr-decay cosine falls along half a cosine to 0 at cfg.steps (a resume with more --steps stretches the fall)."""
+    if n < cfg.warmup or cfg.lr_decay == "none":
+        return min(1.0, (n + 1) / max(1, cfg.warmup))
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (n - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
+
+
 class Trainer:
     """Everything a run holds, built freshly seeded, and the loop's one step. train() drives it; benchmark() times
     the very same step."""
@@ -1435,9 +1469,7 @@ class Trainer:
         # AdamW; on CUDA its fused kernel updates all parameters in a few launches.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=device.type == "cuda")
-        # The learning rate rises linearly to cfg.lr over cfg.warmup steps, then stays (as in DDPM's released code):
-        # Adam's first steps, taken with poor moment estimates, stay small.
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: min(1.0, (n + 1) / max(1, cfg.warmup)))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: lr_factor(n, cfg))
         self.order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
         self.rng, self.counters = GlobalRNG(device), LoopCounters()
         self.model_fn = torch.compile(self.model) if cfg.compile else self.model  # `model` keeps the plain weights
@@ -1451,7 +1483,7 @@ class Trainer:
     def state(self) -> dict:
         """The checkpoint: what the run is (HEADER_KEYS), then every piece of state in the inventory."""
         header = dict(format=CKPT_FORMAT, version=CKPT_VERSION, step=self.counters.step, config=asdict(self.cfg),
-                      config_class=type(self.cfg).__name__, data_info=self.data.info())
+                      config_class=type(self.cfg).__name__, script=script_name(self.cfg), data_info=self.data.info())
         return {**header, **{name: part.state_dict() for name, part in self.inventory().items()}}
 
     def restore(self, state: dict) -> None:
@@ -1487,10 +1519,10 @@ def check_out_dir(cfg: TrainConfig) -> None:
     """Refuses --resume without a checkpoint, and a fresh start over one without --overwrite (so no run is lost)."""
     found = find_checkpoints(cfg.out_dir)
     if cfg.resume and not found:
-        raise UserError(f"--resume: no checkpoint in {cfg.out_dir}; start without --resume")
+        raise UserError(f"--resume: no checkpoint in {cfg.out_dir}; start without --resume (resume=False)")
     if found and not cfg.resume and not cfg.overwrite:
         raise UserError(f"{cfg.out_dir} already holds a checkpoint ({found[0]}); add --resume to continue that run "
-                        f"or --overwrite to start over")
+                        f"or --overwrite to start over (from Python: resume=True or overwrite=True in the config)")
 
 
 def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, on_snapshot: Callable | None = None,
@@ -1568,7 +1600,8 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             print(f"step {c.step}/{cfg.steps} ({100 * c.step // cfg.steps}%) | loss {mean_loss:.4f} | lr {lr:.1e} | "
                   f"{rate:,.0f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
             metrics.append(c.step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", c.skipped)
-            c.loss_sum, c.loss_count = 0.0, 0
+            if c.step % cfg.log_every == 0:  # a run's last row may end a window early; a longer resume then
+                c.loss_sum, c.loss_count = 0.0, 0  # continues that window, so its next row matches an unbroken run
             tic, window = time.perf_counter(), 0
         # Pictures come from the EMA weights, the ones a user samples from at the end (in eval mode: no dropout).
         if on_snapshot is not None and cfg.sample_every and c.step % cfg.sample_every == 0:
@@ -1627,17 +1660,49 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
 
 # ----------------------------------------------------------------------------------------------------------------------
 
+EXIT_STATUS = """exit status: 0 done; 1 a problem the printed line explains (nothing was changed); 2 a malformed
+command line; 130 (Ctrl-C) or 143 (SIGTERM): stopped, with a checkpoint to resume from."""
+
+
+class SurvivingStdout:
+    """sys.stdout for a run whose reader may go away (`python train_moons.py | head`): once the pipe is closed, the
+    rest of the output goes to /dev/null and the run goes on, instead of dying of BrokenPipeError mid-training."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _guard(self, method, *args):
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:  # point the file descriptor at /dev/null: later writes and the final flush succeed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def write(self, text):
+        self._guard("write", text)
+        return len(text)
+
+    def flush(self):
+        self._guard("flush")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def cli(config_cls, main: Callable, argv=None) -> int:
     """Runs main(cfg, ckpt) with cfg parsed from the command line (ckpt: the run's checkpoint, read once, for
-    --resume and --sample-only; else None), and returns the process exit status:
-    0 done; 1 a problem the printed line explains; 2 a malformed command line; 128 + signal number (130 for Ctrl-C,
-    143 for SIGTERM) when stopped by a signal: after the first, with a checkpoint of the step reached (the printed
-    command resumes it); after a second one, at once, with the last checkpoint written before intact."""
+    --resume and --sample-only; else None), and returns the process exit status (EXIT_STATUS): 130 or 143 after
+    the first signal with a checkpoint of the step reached (the printed command resumes it), after a second one at
+    once, with the last checkpoint written before intact."""
+    script = sys.modules.get(getattr(main, "__module__", ""), None)
+    examples = (script.__doc__ or "").split("\n\n", 1)[1:] if script else []  # the script's docstring, but its title
+    epilog = "".join(f"examples and outputs:\n{text}\n" for text in examples) + EXIT_STATUS
     try:
-        given = parse_given(config_cls, argv)
+        given = parse_given(config_cls, argv, epilog)
     except SystemExit as e:  # argparse: --help (0) or a malformed command line (2), already printed
         return e.code if isinstance(e.code, int) else 2
     cfg = config_cls(**given)
+    if not isinstance(sys.stdout, SurvivingStdout):
+        sys.stdout = SurvivingStdout(sys.stdout)
     # Everything the user can fix arrives here as a UserError with one line; only a bug leaves a traceback.
     try:
         ckpt = None
@@ -1652,14 +1717,25 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         print(e, file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C outside it
-        saved = find_checkpoints(cfg.out_dir)
-        print("aborted; " + (f"the last checkpoint written, {saved[0]}, is intact (resume with --resume)" if saved
-                             else "no checkpoint was written"), file=sys.stderr)
+        print(f"aborted; {saved_progress(cfg)}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def saved_progress(cfg: TrainConfig) -> str:
+    """What an aborted run leaves: its newest checkpoint, and whether to resume it or sample from it."""
+    saved = find_checkpoints(cfg.out_dir)
+    if not saved:
+        return "no checkpoint was written"
+    try:  # mmap: only the step is read, not the weights
+        done = torch.load(saved[0], map_location="cpu", weights_only=True, mmap=True)["step"] >= cfg.steps
+    except Exception:
+        done = False
+    return f"the last checkpoint written, {saved[0]}, is intact (" + (
+        "training had finished; draw samples with --sample-only)" if done else "resume with --resume)")
 
 
 def draw(diffusion: Diffusion, model, cfg: TrainConfig, shape, y=None, generator=None, clip_x0=False,
@@ -1682,6 +1758,8 @@ def plot_loss(out_dir) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows])
     ax.set(xlabel="step", ylabel="loss (MSE of ε)", yscale="log", title="training loss")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.3, not 3×10⁻¹
+        axis(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(Path(out_dir) / "loss.png", dpi=120)
@@ -1694,27 +1772,30 @@ def plot_loss(out_dir) -> None:
 class ImageConfig(TrainConfig):
     """Class-conditional image diffusion with a U-Net and classifier-free guidance."""
     model: str = "small"            # U-Net preset: tiny, mnist, small, base or large (see UNET_PRESETS)
-    data_dir: str = "./data"        # torchvision downloads the data set into this folder, or finds it there
-    data: str = ""                  # train on your own images instead: a folder with one sub-folder per class
-    image_size: int = 32            # --data images are resized and centre-cropped to this side
-    channels: int = 3               # --data images are read as 3 (RGB) or 1 (greyscale) channels
+    data_dir: str = "./data"        # where the built-in data set is downloaded to, or found (not for --data)
+    data: str = ""                  # train on your own images instead: a folder with one sub-folder of images per class
+    image_size: int = 32            # side of the images; --data images are resized and centre-cropped to it
+    channels: int = 3               # image channels: 3 (RGB) or 1 (greyscale); --data images are converted to it
     hflip: bool = True              # flip training images left-right at random (augmentation)
     guidance: float = 2.0           # classifier-free guidance weight w for samples (1: plain conditional model)
     label: str = "all"              # class to draw: all, a class name or a class index
     dump_samples: int = 0           # write this many class-balanced single PNGs (for FID tools) into --dump-dir
-    dump_dir: str = ""              # folder for --dump-samples (default: <out-dir>/dump)
+    dump_dir: str = ""              # an empty or new folder for --dump-samples (default: <out-dir>/dump)
     bench: bool = False             # time ~50 training steps on random data: img/s, FLOPs, TFLOP/s, peak memory
 
     RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"data_dir", "data", "label", "dump_samples", "dump_dir",
                                                               "bench"}
     CHOICES: ClassVar[dict] = {**TrainConfig.CHOICES, "model": tuple(UNET_PRESETS), "channels": (1, 3)}
+    AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0}
+    METAVARS: ClassVar[dict] = {**TrainConfig.METAVARS, "data_dir": "DIR", "data": "FOLDER", "dump_dir": "DIR",
+                                "label": "CLASS"}
 
     def check(self) -> None:
         super().check()
-        if self.image_size < 1:
-            raise UserError(f"--image-size must be at least 1, got {self.image_size}")
-        if self.dump_samples < 0:
-            raise UserError(f"--dump-samples must be at least 0, got {self.dump_samples}")
+        builtin = type(self).image_size  # a script's default is its built-in data set's side
+        if not self.data and not self.bench and self.image_size != builtin:
+            raise UserError(f"--image-size {self.image_size}: the built-in images are {builtin}×{builtin}; "
+                            f"--image-size resizes --data images only")
 
 
 def load_image_folder(cfg: ImageConfig) -> Data:
@@ -1815,36 +1896,56 @@ def generate_images(diffusion, model, cfg, y, shape, generator, return_trajector
     return torch.cat(results).cpu().clamp(-1, 1)
 
 
-def save_image_grid(images, nrow: int, path: Path, row_names=(), title: str = "") -> None:
-    """Saves a PNG grid of images (N, C, H, W) in [−1, 1], nrow per row, each row labelled with a name."""
+def save_image_grid(images, ncol: int, path: Path, row_names=(), title: str = "") -> None:
+    """Saves a PNG grid of images (N, C, H, W) in [−1, 1], ncol per row; row_names label the rows from the top
+    ("" for none). Row labels and title are never cut off, whatever the width of the grid."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
-    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
+    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=ncol, padding=2, pad_value=1.0)  # (3, H', W')
     side = images.shape[-1] + 2
-    fig, ax = plt.subplots(figsize=(max(3, grid.shape[2] / 40 + 1), max(2, grid.shape[1] / 40 + 0.5)))
+    # 2.5 screen pixels per image pixel, and at least 4 inches wide so that a 10-point title fits on a narrow grid.
+    fig, ax = plt.subplots(figsize=(max(4, grid.shape[2] / 40), max(2, grid.shape[1] / 40)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([side * (i + 0.5) for i in range(len(row_names))], list(row_names))
     ax.tick_params(length=0)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=10)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # "tight": the figure grows to hold long class names
     plt.close(fig)
 
 
+def output_path(cfg: TrainConfig, name: str) -> Path:
+    """Where a run's picture or sample file goes: <out_dir>/<name> for training; for --sample-only, beside it under
+    a name that says what was drawn (sampler and steps, guidance, label, seed), so that sampling from a run never
+    replaces what the run itself wrote."""
+    path = Path(cfg.out_dir) / name
+    if not cfg.sample_only:
+        return path
+    steps = cfg.sample_steps if cfg.sampler == "ddim" else cfg.num_timesteps
+    label = getattr(cfg, "label", "all")
+    tag = f"{cfg.sampler}{steps}_w{cfg.guidance:g}" + ("" if label == "all" else f"_{label}") + f"_seed{cfg.seed}"
+    return path.with_name(path.stem + "_" + re.sub(r"[^\w.-]+", "-", tag) + path.suffix)
+
+
 def save_class_grid(diffusion, model, cfg, class_names, labels, path: Path, title: str = "") -> None:
-    """One row per requested class, cfg.num_samples images in all, from fixed noise (seeded by cfg.seed) so that
-    grids saved during training compare like for like."""
+    """About cfg.num_samples images of the requested classes, from fixed noise (seeded by cfg.seed) so that grids
+    saved during training compare like for like. Several classes: rows of at most 10 per class, each class's first
+    row labelled; one class: a square grid."""
     per_class = max(1, cfg.num_samples // len(labels))
+    ncol = min(per_class, 10) if len(labels) > 1 else math.ceil(math.sqrt(per_class))
+    per_class = per_class // ncol * ncol if len(labels) > 1 else per_class  # whole rows: classes never share one
     y = torch.tensor(labels).repeat_interleave(per_class)
     generator = torch.Generator().manual_seed(cfg.seed)
     images = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator)
-    save_image_grid(images, per_class, path, [class_names[i] for i in labels], title)
+    rows = per_class // ncol if len(labels) > 1 else 0
+    names = [class_names[i] if r == 0 else "" for i in labels for r in range(rows)]
+    title = f"{class_names[labels[0]]}: {title}" if len(labels) == 1 else title
+    save_image_grid(images, ncol, path, names, title)
 
 
 def model_input_shape(model, cfg) -> tuple:
@@ -1865,15 +1966,19 @@ def save_reverse_picture(diffusion, model, cfg, class_names, labels, path: Path,
     save_image_grid(images, frames, path, [class_names[i] for i in y.tolist()], "reverse process: x_T → x_0")
 
 
+def check_dump_dir(folder: Path) -> None:
+    """--dump-dir must be new or empty: samples of two runs mixed in one folder would give a meaningless FID."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"--dump-dir {folder} is not empty (or not a folder); give a new folder, or empty this one")
+
+
 def dump_samples(diffusion, model, cfg, class_names, labels, folder: Path) -> None:
     """Writes cfg.dump_samples single PNGs into folder, named <index>_<class>.png, for FID tools.
 
-    Labels go round the requested classes in turn, so every class gets the same share (±1) of the images. The folder
-    must be new or empty: samples of two runs mixed in one folder would give a meaningless FID.
+    Labels go round the requested classes in turn, so every class gets the same share (±1) of the images.
     """
     from torchvision.utils import save_image
-    if folder.exists() and any(folder.iterdir()):
-        raise UserError(f"--dump-dir {folder} is not empty; give a new folder (or empty this one)")
+    check_dump_dir(folder)
     folder.mkdir(parents=True, exist_ok=True)
     y = torch.tensor(labels)[torch.arange(cfg.dump_samples) % len(labels)]
     generator = torch.Generator().manual_seed(cfg.seed + 2)
@@ -1905,7 +2010,9 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
     --bench times training on random data; --sample-only samples a saved run; otherwise train (or resume), then
     write samples.png (one row per class), reverse.png, loss.png and, with --dump-samples, single PNGs.
     """
-    out_dir = Path(cfg.out_dir)
+    out_dir, dump_dir = Path(cfg.out_dir), Path(cfg.dump_dir or Path(cfg.out_dir) / "dump")
+    if cfg.dump_samples:
+        check_dump_dir(dump_dir)  # refuse before any training or sampling, not after
     # With --resume and --sample-only, cfg already holds the checkpoint's T and schedule (open_saved_run).
     diffusion = Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond)
     if cfg.bench:  # random pixels: the speed of a step does not depend on what the images show
@@ -1942,9 +2049,9 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
         model = train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
         plot_loss(out_dir)
     tic = time.perf_counter()
-    save_class_grid(diffusion, model, cfg, class_names, labels, out_dir / "samples.png",
-                    f"{cfg.sampler}, guidance {cfg.guidance}")
-    save_reverse_picture(diffusion, model, cfg, class_names, labels, out_dir / "reverse.png")
-    print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'reverse.png'} ({time.perf_counter() - tic:.0f} s)")
+    grid, reverse = output_path(cfg, "samples.png"), output_path(cfg, "reverse.png")
+    save_class_grid(diffusion, model, cfg, class_names, labels, grid, f"{cfg.sampler}, guidance {cfg.guidance:g}")
+    save_reverse_picture(diffusion, model, cfg, class_names, labels, reverse)
+    print(f"wrote {grid} and {reverse} ({time.perf_counter() - tic:.0f} s)")
     if cfg.dump_samples:
-        dump_samples(diffusion, model, cfg, class_names, labels, Path(cfg.dump_dir or out_dir / "dump"))
+        dump_samples(diffusion, model, cfg, class_names, labels, dump_dir)

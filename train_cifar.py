@@ -14,26 +14,29 @@ samples.png and reverse.png.
 import sys
 from dataclasses import dataclass
 
-import torch
+try:  # Ctrl-C while torch is still loading (a few seconds) ends quietly, like a Ctrl-C at any other moment
+    import torch
 
-import ddpm
+    import ddpm
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 @dataclass
 class CifarConfig(ddpm.ImageConfig):
     """Class-conditional DDPM on CIFAR-10 (32×32 colour images) with a U-Net and classifier-free guidance."""
     out_dir: str = "runs/cifar"     # folder for the checkpoint, metrics.csv and the pictures
-    model: str = "base"             # DDPM's CIFAR-10 network: 35.7M parameters
-    steps: int = 200_000            # DDPM trained 800k steps; 200k already gives good samples
-    batch_size: int = 128           # DDPM's batch size
-    lr: float = 2e-4                # DDPM's learning rate
-    warmup: int = 5000              # DDPM's warm-up
-    ema_decay: float = 0.9999       # DDPM's EMA decay
-    log_every: int = 500            # a log line every 500 steps
-    sample_every: int = 10_000      # a class grid every 10,000 steps
-    ckpt_every: int = 5000          # a checkpoint every 5,000 steps (a few minutes of GPU time at most is lost)
-    num_samples: int = 100          # 10 per class in the final grid
-    guidance: float = 2.0           # w = 2: recognisable classes; lower it (1.3 or so) for the best FID
+    model: str = "base"             # U-Net preset; base: DDPM's CIFAR-10 network, 35.7M parameters
+    steps: int = 200_000            # optimizer steps to train for; DDPM took 800k, 200k already samples well
+    batch_size: int = 128           # examples per step (all processes together); 128 as DDPM
+    lr: float = 2e-4                # AdamW learning rate after the warm-up; 2e-4 as DDPM
+    warmup: int = 5000              # steps over which the learning rate rises to --lr; 5,000 as DDPM
+    ema_decay: float = 0.9999       # decay of the weights' moving average that samples come from; as DDPM
+    log_every: int = 500            # print a log line and append a row to metrics.csv every N steps
+    sample_every: int = 10_000      # save a class grid every N steps (0: never)
+    ckpt_every: int = 5000          # write a checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)
+    num_samples: int = 100          # images in the final grid; 100: 10 per class
+    guidance: float = 2.0           # classifier-free guidance weight w; 2: recognisable classes (~1.3 for best FID)
 
 
 def load_cifar(cfg: CifarConfig) -> ddpm.Data:

@@ -14,29 +14,32 @@ measured time of the default run on a CPU.
 import sys
 from dataclasses import dataclass
 
-import ddpm
+try:  # Ctrl-C while torch is still loading (a few seconds) ends quietly, like a Ctrl-C at any other moment
+    import ddpm
+except KeyboardInterrupt:
+    sys.exit(130)
 
 
 @dataclass
 class MnistConfig(ddpm.ImageConfig):
     """Class-conditional DDPM on MNIST (28×28 greyscale digits) with a U-Net and classifier-free guidance."""
     out_dir: str = "runs/mnist"     # folder for the checkpoint, metrics.csv and the pictures
-    model: str = "mnist"            # a 1.1M-parameter U-Net that trains in minutes on a CPU
-    image_size: int = 28            # MNIST's side
-    channels: int = 1               # greyscale
-    hflip: bool = False             # a mirrored digit is not the same digit
-    steps: int = 2500               # 2.7 epochs at batch 64: digits of every class are clear by then
-    batch_size: int = 64            # small batches: more steps per minute on a CPU
-    lr: float = 1e-3                # a small network trains well with a larger step than DDPM's 2e-4
-    warmup: int = 200               # a short warm-up for a short run
-    ema_decay: float = 0.999        # the average spans ~1,000 steps, the last 40 % of the run
-    log_every: int = 100            # a log line every 100 steps
-    sample_every: int = 1000        # a class grid every 1,000 steps
-    ckpt_every: int = 500           # a checkpoint every 500 steps (a few minutes of CPU time)
-    num_samples: int = 100          # 10 per digit in the final grid
-    sampler: str = "ddim"           # 50 DDIM steps instead of 1,000 ancestral ones: a grid in seconds on a CPU
-    sample_steps: int = 50          # DDIM steps
-    guidance: float = 2.0           # w = 2: clearly the requested digit, still varied
+    model: str = "mnist"            # U-Net preset; mnist: 1.1M parameters, trains in minutes on a CPU
+    image_size: int = 28            # side of the images: MNIST's are 28×28; --data images are resized to it
+    channels: int = 1               # image channels: 1, as MNIST is greyscale; --data images are converted to it
+    hflip: bool = False             # flip training images left-right at random; off, as a mirrored digit is no digit
+    steps: int = 2500               # optimizer steps to train for; 2,500 (2.7 epochs) makes every digit clear
+    batch_size: int = 64            # examples per step; 64: small batches take more steps per minute on a CPU
+    lr: float = 1e-3                # AdamW learning rate after the warm-up; a small net takes more than DDPM's 2e-4
+    warmup: int = 200               # steps over which the learning rate rises to --lr; short, for a short run
+    ema_decay: float = 0.999        # decay of the weights' moving average; 0.999 spans the last ~1,000 steps
+    log_every: int = 100            # print a log line and append a row to metrics.csv every N steps
+    sample_every: int = 1000        # save a class grid every N steps (0: never)
+    ckpt_every: int = 500           # write a checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)
+    num_samples: int = 100          # images in the final grid; 100: 10 per digit
+    sampler: str = "ddim"           # ddpm (ancestral, T network calls) or ddim (--sample-steps calls, far fewer)
+    sample_steps: int = 50          # DDIM steps; 50 draws a grid in seconds on a CPU
+    guidance: float = 2.0           # classifier-free guidance weight w; 2: clearly the digit asked for, still varied
 
 
 def load_mnist(cfg: MnistConfig) -> ddpm.Data:
