@@ -3,9 +3,10 @@
     python docs/make_figures.py            # 2 to 3 minutes on a 2-core CPU; writes docs/fig_*.png
     python docs/make_figures.py --retrain  # ignore checkpoints under runs/ and train the moons models afresh
 
-No GPU, no network. The moons figures need two small MLPs (one unconditional, one that knows which moon): each is
-trained here with Part I's `fit`, unless runs/moons/ckpt.pt holds a model of that kind (train_moons.py, with or
-without --class-cond), which is then used instead; the script says which. The MNIST figure needs runs/mnist/ckpt.pt
+No GPU, no network. The moons figures need three small MLPs with train_moons.py's settings: an unconditional one,
+the same on the linear schedule (for the DDIM comparison of chapter 3) and one that knows which moon. Each is trained
+here with Part I's `fit`, unless runs/moons/ckpt.pt holds a model of that kind (train_moons.py, with or without
+--class-cond), which is then used instead; the script says which. The MNIST figure needs runs/mnist/ckpt.pt
 (python train_mnist.py) and is skipped, saying so, without one. Everything is seeded: the same inputs give the same
 pictures.
 """
@@ -28,10 +29,10 @@ DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 import ddpm  # noqa: E402  (after the path is set: the script runs from any folder)
-from train_moons import energy_distance, make_moons  # noqa: E402
+from train_moons import MoonsConfig, energy_distance, make_moons  # noqa: E402
 
 DPI = 100          # small PNGs: they are committed
-MOONS_T = 200      # T of the moons models, as train_moons.py (2-D data needs fewer noise levels than images)
+MOONS = MoonsConfig()  # the moons settings of train_moons.py: T, schedule, MLP size, data noise and size
 LIM = (-3.2, 3.2)  # plot range of the moons figures, in standardised coordinates: x_T ~ N(0, I) fits inside
 
 
@@ -59,7 +60,7 @@ def moons_axes(ax, title: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def grace_hopper(side: int = 128) -> torch.Tensor:
-    """matplotlib's sample photograph as a (1, 3, side, side) tensor in [−1, 1], the range ddpm.py's images live in."""
+    """matplotlib's sample photograph as a (1, 3, side, side) tensor in [−1, 1], where ddpm.py's images live."""
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         pixels = torch.from_numpy(plt.imread(f, format="jpg").copy())             # (H, W, 3) uint8
     image = pixels.permute(2, 0, 1)[None].float() / 127.5 - 1                      # (1, 3, H, W) in [−1, 1]
@@ -134,8 +135,8 @@ def figure_posterior_variance() -> None:
 
 def figure_moons_forward(points: torch.Tensor) -> None:
     """Histograms of q(x_t) for the standardised moons at several t: the data dissolve into N(0, I)."""
-    d = ddpm.Diffusion(MOONS_T, "linear")
-    paper_ts = [0, 5, 10, 20, 40, 100, 200]
+    d, T = ddpm.Diffusion(MOONS.num_timesteps, MOONS.schedule), MOONS.num_timesteps
+    paper_ts = [0, T // 20, T // 10, T // 5, 2 * T // 5, 3 * T // 5, T]
     g = torch.Generator().manual_seed(1)
     fig, axes = plt.subplots(1, len(paper_ts), figsize=(2.1 * len(paper_ts), 2.9))
     for ax, t_paper in zip(axes, paper_ts):
@@ -151,16 +152,17 @@ def figure_moons_forward(points: torch.Tensor) -> None:
         if t_paper:
             ax.set_ylabel("")
     save(fig, "fig_moons_forward.png",
-         f"the forward process on the moons (T = {MOONS_T}, linear schedule): histograms of $x_t$")
+         f"the forward process on the moons (T = {T}, {MOONS.schedule} schedule): histograms of $x_t$")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The moons models: a checkpoint of train_moons.py if there is one of the right kind, else trained here with fit
 # ----------------------------------------------------------------------------------------------------------------------
 
-def moons_model(class_cond: bool, retrain: bool):
-    """(diffusion, EMA model in eval mode, mean, std): a moons denoiser, unconditional or conditioned on the moon."""
-    kind = "class-conditional" if class_cond else "unconditional"
+def moons_model(class_cond: bool, retrain: bool, schedule: str = MOONS.schedule):
+    """(diffusion, EMA model in eval mode, mean, std): a moons denoiser, unconditional or conditioned on the moon,
+    for the given noise schedule (train_moons.py's by default)."""
+    kind = f"{'class-conditional' if class_cond else 'unconditional'} moons model ({schedule} schedule)"
     path = ROOT / "runs" / "moons" / "ckpt.pt"
     if not retrain and path.exists():
         try:
@@ -169,23 +171,26 @@ def moons_model(class_cond: bool, retrain: bool):
             print(f"not using {path}: {e}")
         else:
             cfg = state["config"]
-            if cfg.get("class_cond", False) == class_cond:
-                model = ddpm.MLP(dim=2, hidden=cfg["hidden"], depth=cfg["depth"], num_classes=2 if class_cond else 0)
+            if cfg.get("class_cond", False) == class_cond and cfg["schedule"] == schedule:
+                model = ddpm.MLP(dim=2, hidden=cfg["hidden"], depth=cfg["depth"], num_classes=2 if class_cond else 0,
+                                 fourier=cfg.get("fourier", 0))
                 model.load_state_dict(state["ema"])
                 diffusion = ddpm.Diffusion(cfg["num_timesteps"], cfg["schedule"], cfg["p_uncond"])
                 info = state["data_info"]
-                print(f"{kind} moons model: the EMA weights of {path.relative_to(ROOT)} (step {state['step']:,})")
+                print(f"{kind}: the EMA weights of {path.relative_to(ROOT)} (step {state['step']:,})")
                 return diffusion, model.eval(), torch.tensor(info["mean"]), torch.tensor(info["std"])
-    # Train one with Part I alone: the moons (as train_moons.py makes them), standardised, then fit [DDPM Alg. 1].
-    points, labels = make_moons(10_000, 0.05, torch.Generator().manual_seed(0))
+    # Train one with Part I alone: the moons as train_moons.py makes them, standardised, then fit [DDPM Alg. 1] with a
+    # constant learning rate (train_moons.py adds warm-up and decay; fit is the plain loop).
+    points, labels = make_moons(MOONS.num_points, MOONS.noise, torch.Generator().manual_seed(0))
     mean, std = points.mean(0), points.std(0)
     torch.manual_seed(0)
-    model = ddpm.MLP(dim=2, hidden=128, depth=3, num_classes=2 if class_cond else 0)
-    diffusion = ddpm.Diffusion(MOONS_T, "linear", p_uncond=0.1)
+    model = ddpm.MLP(dim=2, hidden=MOONS.hidden, depth=MOONS.depth, num_classes=2 if class_cond else 0,
+                     fourier=MOONS.fourier)
+    diffusion = ddpm.Diffusion(MOONS.num_timesteps, schedule, MOONS.p_uncond)
     tic = time.perf_counter()
     ema_model = ddpm.fit(model, diffusion, (points - mean) / std, labels if class_cond else None,
-                         steps=2000, batch_size=512, lr=2e-3, ema_decay=0.995, seed=0)
-    print(f"{kind} moons model: trained here with ddpm.fit, 2,000 steps ({time.perf_counter() - tic:.0f} s)")
+                         steps=2000, batch_size=MOONS.batch_size, lr=MOONS.lr, ema_decay=MOONS.ema_decay, seed=0)
+    print(f"{kind}: trained here with ddpm.fit, 2,000 steps ({time.perf_counter() - tic:.0f} s)")
     return diffusion, ema_model, mean, std
 
 
@@ -206,25 +211,29 @@ def figure_moons_reverse(diffusion, model) -> None:
          f"the reverse process: ancestral sampling (Alg. 2) with the trained MLP, T = {T}")
 
 
-def figure_samplers(diffusion, model, mean, std) -> None:
-    """The same model sampled by the ancestral sampler and by DDIM with fewer steps, with the energy distance of
-    each set to fresh moons (in the data's own coordinates, as train_moons.py prints it)."""
-    T, n = diffusion.num_timesteps, 4000
-    real, _ = make_moons(n, 0.05, torch.Generator().manual_seed(1))
-    runs = [(f"ancestral, {T} calls", lambda g: diffusion.sample(model, (n, 2), generator=g)),
-            ("DDIM η = 0, 50 calls", lambda g: diffusion.ddim_sample(model, (n, 2), steps=50, generator=g)),
-            ("DDIM η = 0, 10 calls", lambda g: diffusion.ddim_sample(model, (n, 2), steps=10, generator=g)),
-            ("DDIM η = 1, 10 calls", lambda g: diffusion.ddim_sample(model, (n, 2), steps=10, eta=1.0, generator=g)),
-            ("DDIM η = 0, 3 calls", lambda g: diffusion.ddim_sample(model, (n, 2), steps=3, generator=g))]
-    fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 3.0))
-    for i, (ax, (title, draw)) in enumerate(zip(axes, runs)):
-        x0 = draw(torch.Generator().manual_seed(0))
-        dist = energy_distance(x0 * std + mean, real)
-        ax.scatter(x0[:, 0], x0[:, 1], s=1, alpha=0.4)
-        moons_axes(ax, f"{title}\nenergy distance {dist:.4f}")
-        ax.title.set_fontsize(9)
-        if i:
-            ax.set_ylabel("")
+def figure_samplers(models) -> None:
+    """Each model (a row) sampled by the ancestral sampler and by DDIM with fewer steps, with the energy distance of
+    each set to fresh moons (in the data's own coordinates, as train_moons.py prints it).
+    models: a list of (row name, diffusion, model, mean, std)."""
+    n = 4000
+    real, _ = make_moons(n, MOONS.noise, torch.Generator().manual_seed(1))
+    fig, axes = plt.subplots(len(models), 5, figsize=(2.6 * 5, 3.0 * len(models)), squeeze=False)
+    for row, (name, diffusion, model, mean, std) in enumerate(models):
+        ddim = lambda steps, eta=0.0: lambda g: diffusion.ddim_sample(model, (n, 2), steps=steps, eta=eta, generator=g)
+        runs = [(f"ancestral, {diffusion.num_timesteps} calls", lambda g: diffusion.sample(model, (n, 2), generator=g)),
+                ("DDIM η = 0, 20 calls", ddim(20)), ("DDIM η = 0, 10 calls", ddim(10)),
+                ("DDIM η = 1, 10 calls", ddim(10, eta=1.0)), ("DDIM η = 0, 3 calls", ddim(3))]
+        for col, (title, draw) in enumerate(runs):
+            ax = axes[row, col]
+            x0 = draw(torch.Generator().manual_seed(0))
+            dist = energy_distance(x0 * std + mean, real)
+            ax.scatter(x0[:, 0], x0[:, 1], s=1, alpha=0.4)
+            moons_axes(ax, f"{title}\nenergy distance {dist:.4f}")
+            ax.title.set_fontsize(9)
+            if col:
+                ax.set_ylabel("")
+            else:
+                ax.set_ylabel(f"{name}\n$x_2$ (standardised)")
     save(fig, "fig_moons_samplers.png")
 
 
@@ -246,8 +255,9 @@ def figure_guidance(diffusion, model) -> None:
             ax.set_ylabel("")
     axes[0].legend(loc="lower left", fontsize=7, markerscale=6)
     save(fig, "fig_guidance.png",
-         "classifier-free guidance, $\\tilde\\epsilon = \\epsilon_\\varnothing + w\\,(\\epsilon_y - \\epsilon_\\varnothing)$:"
-         " the same starting noise in each panel")
+         "classifier-free guidance, "
+         "$\\tilde\\epsilon = \\epsilon_\\varnothing + w\\,(\\epsilon_y - \\epsilon_\\varnothing)$"
+         ": the same starting noise in each panel")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -261,7 +271,11 @@ def figure_mnist() -> None:
         kept = " (the figure committed earlier stays)" if (DOCS / "fig_mnist_guidance.png").exists() else ""
         print(f"skipped the MNIST figure: no {path.relative_to(ROOT)} (make one with python train_mnist.py){kept}")
         return
-    state = ddpm.load_checkpoint(path)
+    try:
+        state = ddpm.load_checkpoint(path)
+    except ddpm.CheckpointError as e:  # e.g. written by an older ddpm.py
+        print(f"skipped the MNIST figure: {e}")
+        return
     cfg, info = state["config"], state["data_info"]
     channels, side, names = info["shape"][0], info["shape"][-1], info["class_names"]
     model = ddpm.build_unet(cfg["model"], channels, side, len(names))
@@ -294,11 +308,14 @@ def main() -> None:
     figure_noised_image()
     figure_schedules()
     figure_posterior_variance()
-    points, _ = make_moons(10_000, 0.05, torch.Generator().manual_seed(0))
+    points, _ = make_moons(MOONS.num_points, MOONS.noise, torch.Generator().manual_seed(0))
     figure_moons_forward((points - points.mean(0)) / points.std(0))
     diffusion, model, mean, std = moons_model(class_cond=False, retrain=args.retrain)
     figure_moons_reverse(diffusion, model)
-    figure_samplers(diffusion, model, mean, std)
+    # DDIM's first step from t = T divides by √ᾱ_T; a second model, with the linear schedule, shows how much that
+    # matters (chapter 3.4).
+    linear = moons_model(class_cond=False, retrain=args.retrain, schedule="linear")
+    figure_samplers([(f"{MOONS.schedule} schedule", diffusion, model, mean, std), ("linear schedule", *linear)])
     diffusion, model, _, _ = moons_model(class_cond=True, retrain=args.retrain)
     figure_guidance(diffusion, model)
     figure_mnist()
