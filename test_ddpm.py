@@ -15,15 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-import torch.nn as nn
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts do, before torch loads (README: "Threads")
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-import ddpm
-import train_cifar
-import train_mnist
-import train_moons
+import ddpm  # noqa: E402
+import train_cifar  # noqa: E402
+import train_mnist  # noqa: E402
+import train_moons  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -1378,6 +1379,25 @@ def test_readme_shows_the_cpu_only_install():
     assert "pip install -r requirements.txt --extra-index-url https://download.pytorch.org/whl/cpu" in text
 
 
+def test_threads_flag_and_wait_policy_respect_the_environment(monkeypatch):
+    """--threads N sets PyTorch's CPU threads for the run; the scripts make OpenMP threads sleep rather than spin
+    while waiting (OMP_WAIT_POLICY=PASSIVE, robust to a busy machine) unless the environment already sets a policy."""
+    seen, before = [], torch.get_num_threads()
+    try:
+        assert ddpm.cli(train_moons.MoonsConfig, lambda cfg, ckpt: seen.append(torch.get_num_threads()),
+                        ["--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+    code = "import os, train_moons; print(os.environ['OMP_WAIT_POLICY'])"
+    for env, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        environ.update({"OMP_WAIT_POLICY": env} if env else {})
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, env=environ)
+        assert out.stdout.strip() == expected, out.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The walkthrough in docs/: cited names, pictures and exercise checks
 # ----------------------------------------------------------------------------------------------------------------------
 # The rule for cited names. In docs/*.md, outside fenced code blocks, a backticked span is a code name when it is a
