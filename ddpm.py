@@ -773,6 +773,7 @@ class TrainConfig:
     resume: bool = False            # continue the run in --out-dir with its saved settings (give only what changes)
     overwrite: bool = False         # start afresh over a checkpoint (deletes checkpoints and metrics.csv, not pictures)
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    threads: int = 0                # CPU threads for PyTorch (0: its default, one per core, or OMP_NUM_THREADS)
     seed: int = 0                   # seeds the weights, the noise and the data order (and the samples drawn)
     num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]; below ~50 see make_beta_schedule
     schedule: str = "linear"        # noise schedule: linear [DDPM] or cosine [IDDPM]
@@ -801,7 +802,7 @@ class TrainConfig:
     # Fields a resumed run may change (when to stop, how often to log, how to sample, where to run). Any other
     # difference from the checkpoint's config is refused: it would silently train a different model.
     RESUMABLE: ClassVar[frozenset] = frozenset({
-        "out_dir", "resume", "overwrite", "device", "steps", "amp", "compile", "max_bad_steps", "log_every",
+        "out_dir", "resume", "overwrite", "device", "threads", "steps", "amp", "compile", "max_bad_steps", "log_every",
         "sample_every", "ckpt_every", "keep_ckpts", "sample_only", "sampler", "sample_steps", "num_samples",
         "guidance", "seed"})  # seed: the weights, data order and RNGs come from the checkpoint; it sets the samples
     CHOICES: ClassVar[dict] = {"schedule": SCHEDULES, "sampler": ("ddpm", "ddim"), "amp": ("auto", "bf16", "none"),
@@ -809,7 +810,8 @@ class TrainConfig:
     METAVARS: ClassVar[dict] = {"out_dir": "DIR", "device": "DEVICE"}  # what --help shows for a value (else INT …)
     AT_LEAST: ClassVar[dict] = {**dict.fromkeys(("steps", "batch_size", "num_timesteps", "log_every", "ckpt_every",
                                                  "keep_ckpts", "num_samples", "sample_steps", "max_bad_steps"), 1),
-                                **dict.fromkeys(("warmup", "sample_every", "grad_clip", "weight_decay", "guidance"), 0)}
+                                **dict.fromkeys(("warmup", "sample_every", "grad_clip", "weight_decay", "guidance",
+                                                 "threads"), 0)}
 
     def check(self) -> None:
         """Raises UserError naming the first impossible setting and what to do instead."""
@@ -1813,6 +1815,8 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if cfg.resume or cfg.sample_only:
             cfg, ckpt = open_saved_run(cfg, given)
         cfg.check()
+        if cfg.threads and ("threads" in given or "OMP_NUM_THREADS" not in os.environ):  # the environment wins
+            torch.set_num_threads(cfg.threads)                                          # over a script's default
         setup_distributed(cfg.device)  # under torchrun, before any process reads data
         main(cfg, ckpt)
     except UserError as e:

@@ -15,15 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-import torch.nn as nn
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts do, before torch loads (README: "Threads")
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-import ddpm
-import train_cifar
-import train_mnist
-import train_moons
+import ddpm  # noqa: E402
+import train_cifar  # noqa: E402
+import train_mnist  # noqa: E402
+import train_moons  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -1376,6 +1377,145 @@ def test_readme_shows_the_cpu_only_install():
     """The README gives the plain install and, as a second line, PyTorch's documented CPU-only install."""
     text = (HERE / "README.md").read_text()
     assert "pip install -r requirements.txt --extra-index-url https://download.pytorch.org/whl/cpu" in text
+
+
+def test_threads_flag_and_wait_policy_respect_the_environment(monkeypatch):
+    """--threads N sets PyTorch's CPU threads for the run; the scripts make OpenMP threads sleep rather than spin
+    while waiting (OMP_WAIT_POLICY=PASSIVE, robust to a busy machine) unless the environment already sets a policy."""
+    seen, before = [], torch.get_num_threads()
+    try:
+        assert ddpm.cli(train_moons.MoonsConfig, lambda cfg, ckpt: seen.append(torch.get_num_threads()),
+                        ["--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+    code = "import os, train_moons; print(os.environ['OMP_WAIT_POLICY'])"
+    for env, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        environ.update({"OMP_WAIT_POLICY": env} if env else {})
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, env=environ)
+        assert out.stdout.strip() == expected, out.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The walkthrough in docs/: cited names, pictures and exercise checks
+# ----------------------------------------------------------------------------------------------------------------------
+# The rule for cited names. In docs/*.md, outside fenced code blocks, a backticked span is a code name when it is a
+# dotted Python identifier, optionally followed by an argument list or "= value" (`fit`, `Diffusion.sample`,
+# `ddpm.fit(...)`, `EMA.update(step)`, `.model`, `clip_x0=True`); a span in double quotes (`"cosine"`, `"ema"`) is a
+# schedule name, a U-Net preset or a key of the checkpoint's state inventory; a .py or .md file name must exist in the
+# repository. Anything else (shapes, flags, output files, expressions with spaces) is prose and is not checked.
+
+DOC_FILES = sorted((HERE / "docs").glob("*.md"))
+CODE_SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+CODE_NAME = re.compile(r"^\.?([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\(.*\)|=\S+)?$")
+# Names the docs use that are locals of ddpm.py rather than attributes or parameters (the notation table's x̂_0 and
+# x_{t−1}, the sampler's loop index) and torch's own names.
+DOC_LOCAL_NAMES = {"x0_pred", "x_prev", "k"}
+
+
+def doc_prose(path: Path) -> str:
+    """The Markdown of one page without its fenced code blocks and indented code lines."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    return "\n".join(line for line in text.splitlines() if not line.startswith("    ") or line.lstrip()[:1] in "-*|")
+
+
+def known_ddpm_names() -> tuple[set, dict]:
+    """(bare names the docs may cite, {class name: its attribute names}) for the rule above."""
+    import dataclasses as dc
+    import inspect
+    instances = {"Diffusion": ddpm.Diffusion(10), "MLP": ddpm.MLP(), "UNet": ddpm.build_unet("tiny", 3, 16, 2),
+                 "EMA": ddpm.EMA(ddpm.MLP(), 0.9)}
+    members = {}
+    names = set(vars(ddpm)) | DOC_LOCAL_NAMES | {"None", "True", "False"}
+    for name, obj in vars(ddpm).items():
+        if inspect.isclass(obj) and obj.__module__ == "ddpm":
+            attrs = set(dir(obj)) | ({f.name for f in dc.fields(obj)} if dc.is_dataclass(obj) else set())
+            if name in instances:
+                instance = instances[name]
+                attrs |= set(vars(instance)) | set(getattr(instance, "_modules", {}))     # .model, submodules
+                if isinstance(instance, torch.nn.Module):
+                    attrs |= {n for n, _ in instance.named_buffers()}                     # betas, alphas, …
+            members[name] = attrs
+            names |= attrs
+            functions = [f for _, f in inspect.getmembers(obj, inspect.isfunction)]
+        elif inspect.isfunction(obj) and obj.__module__ == "ddpm":
+            functions = [obj]
+        else:
+            continue
+        for function in functions:
+            names |= set(inspect.signature(function).parameters) - {"self"}
+    return names, members
+
+
+def test_docs_cite_only_names_that_exist():
+    """Every ddpm.py name the walkthrough cites in backticks exists (functions, classes, methods, buffers,
+    parameters: the rule is above), so that a rename in ddpm.py cannot leave the docs pointing at nothing; and every
+    chapter ends its text with an "In the code" list."""
+    names, members = known_ddpm_names()
+    quoted = set(ddpm.UNET_PRESETS) | set(ddpm.SCHEDULES) | set(getattr(ddpm, "STATE_KEYS", ()))
+    missing = []
+    for path in DOC_FILES:
+        for span in CODE_SPAN.findall(doc_prose(path)):
+            span = span.strip()
+            if re.fullmatch(r'"\w+"', span):
+                ok = span.strip('"') in quoted
+            elif re.fullmatch(r"[\w/.-]+\.(py|md)", span):
+                ok = (HERE / span).exists() or (HERE / "docs" / span).exists()
+            elif re.fullmatch(r"[\w/.-]+\.(png|jpg|gif|pt|csv|npy|txt|json|lock)", span):
+                continue  # a file that a run writes
+            elif m := CODE_NAME.match(span):
+                parts = m[1].split(".")
+                if parts[0] == "ddpm":
+                    parts = parts[1:]
+                if parts[0] == "torch":
+                    try:
+                        obj = torch
+                        for part in parts[1:]:
+                            obj = getattr(obj, part)
+                        ok = True
+                    except AttributeError:
+                        ok = False
+                elif len(parts) == 1:
+                    ok = parts[0] in names
+                else:
+                    ok = len(parts) == 2 and parts[1] in members.get(parts[0], set())
+            else:
+                continue  # prose: a shape, a flag, a path, an expression
+            if not ok:
+                missing.append(f"{path.name}: `{span}`")
+    assert not missing, "the docs cite names that ddpm.py does not have: " + ", ".join(missing)
+    for path in DOC_FILES:
+        if re.fullmatch(r"0\d_.*\.md", path.name):
+            assert "## In the code" in path.read_text(), f"{path.name} has no 'In the code' section"
+
+
+def test_docs_pictures_and_links_exist():
+    """Every picture that README.md and docs/*.md show, and every local page they link to, exists in the repository
+    (a figure renamed in make_figures.py, or a chapter renamed, cannot leave a broken link)."""
+    broken = []
+    for path in [HERE / "README.md", *DOC_FILES]:
+        text = path.read_text()
+        targets = re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text) + re.findall(r'<img[^>]*\bsrc="([^"]+)"', text)
+        for target in targets:
+            if re.match(r"[a-z]+://|#|mailto:", target):
+                continue
+            if not (path.parent / target.split("#")[0]).exists():
+                broken.append(f"{path.relative_to(HERE)} -> {target}")
+    assert not broken, "missing pictures or pages: " + ", ".join(broken)
+
+
+def test_docs_exercise_checks_run():
+    """Each exercise's `Check:` code in docs/ runs and its assertions hold against this ddpm.py (chapters 1 to 4
+    have at least one each). The global random state is restored afterwards."""
+    found = {}
+    for path in DOC_FILES:
+        for i, code in enumerate(re.findall(r"^Check:\n```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)):
+            found[path.name] = found.get(path.name, 0) + 1
+            with torch.random.fork_rng():
+                exec(compile(code, f"{path.name}, check {i + 1}", "exec"), {"ddpm": ddpm, "torch": torch})
+    chapters = [p.name for p in DOC_FILES if re.match(r"0[1-4]_", p.name)]
+    assert len(chapters) == 4 and all(found.get(name, 0) >= 1 for name in chapters), found
 
 
 # ----------------------------------------------------------------------------------------------------------------------
