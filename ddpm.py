@@ -773,7 +773,7 @@ class TrainConfig:
     resume: bool = False            # continue the run in --out-dir with its saved settings (give only what changes)
     overwrite: bool = False         # start afresh over a checkpoint (deletes checkpoints and metrics.csv, not pictures)
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    threads: int = 0                # CPU threads for PyTorch (0: its default, one per core, or OMP_NUM_THREADS)
+    threads: int = 0                # CPU threads for PyTorch (0: measure, one or all cores; OMP_NUM_THREADS wins)
     seed: int = 0                   # seeds the weights, the noise and the data order (and the samples drawn)
     num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]; below ~50 see make_beta_schedule
     schedule: str = "linear"        # noise schedule: linear [DDPM] or cosine [IDDPM]
@@ -1604,6 +1604,31 @@ class Trainer:
         return loss_value
 
 
+def measure_threads(trainer: Trainer) -> int:
+    """For --threads 0 on a CPU: times a few training steps with one thread per core and with one thread, sets the
+    faster, and returns it. Threads that wait for each other stall when another program holds a core (a shared
+    machine, a second run): measured here, one thread then trains the moons 2.4× and the MNIST U-Net 1.5× faster,
+    while on an idle machine all cores win (1.2× and 1.8×). train() saves the choice with the config, so that a resume
+    computes with the same thread count: float sums split another way are not bit-identical."""
+    cores, timings = torch.get_num_threads(), {}
+    model = copy.deepcopy(trainer.model)  # steps on a copy, without optimizer: the run's weights stay untouched
+    with torch.random.fork_rng(devices=[]):  # and so do its random streams
+        idx = torch.randint(0, len(trainer.data.x), (trainer.cfg.batch_size // trainer.world,))
+        x0, y = trainer.data.batch(idx, torch.zeros(len(idx), dtype=torch.bool))
+        for n in (cores, 1, cores, 1):  # alternating; the second round, warm, is the one kept
+            torch.set_num_threads(n)
+            tic, steps = time.perf_counter(), 0
+            while steps < 3 or time.perf_counter() < tic + 0.1:
+                train_step(model, trainer.diffusion, x0, y, amp_dtype=trainer.amp)
+                steps += 1
+            timings[n] = (time.perf_counter() - tic) / steps
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    print(f"threads: {best} (a training step took {1e3 * timings[cores]:.1f} ms with {cores}, "
+          f"{1e3 * timings[1]:.1f} ms with 1; --threads N sets it)")
+    return best
+
+
 def check_out_dir(cfg: TrainConfig) -> None:
     """Refuses --resume without a checkpoint, and a fresh start over one without --overwrite (so no run is lost)."""
     found = find_checkpoints(cfg.out_dir)
@@ -1663,6 +1688,10 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
         on_rank_0(claim)  # the others wait, then read the checkpoint process 0 chose: the newest left
         with StopOnSignal() as stop:
             trainer = Trainer(model, diffusion, data, cfg, device)
+            # A fresh CPU run of some length measures its thread count (a resume keeps the one saved in its config).
+            if (not cfg.threads and not cfg.resume and device.type == "cpu" and cfg.steps >= 200 and trainer.world == 1
+                    and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in os.environ):
+                trainer.cfg = cfg = dataclasses.replace(cfg, threads=measure_threads(trainer))
             if cfg.resume:
                 ckpt = ckpt if trainer.rank == 0 else newest_checkpoint(out_dir)
                 trainer.restore(ckpt.state)

@@ -11,13 +11,9 @@
 Writes runs/cifar/: ckpt.pt, metrics.csv, loss.png, samples/step_*.png (one row per class, fixed noise),
 samples.png and reverse.png.
 """
-import os
 import sys
 from dataclasses import dataclass
 
-# OpenMP threads that spin while they wait for each other collapse when another program holds a core (5-10× slower);
-# sleeping instead costs little. Set before torch loads; a policy set in the environment wins (README: "Threads").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 try:  # Ctrl-C while torch is still loading (a few seconds) ends quietly, like a Ctrl-C at any other moment
     import torch
 

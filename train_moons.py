@@ -12,14 +12,10 @@ At the end it prints the share of samples off the arcs (the haze between the moo
 the samples and fresh moons, each beside what fresh real moons give: the closer, the better the model.
 """
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# OpenMP threads that spin while they wait for each other collapse when another program holds a core (5-10× slower);
-# sleeping instead costs little. Set before torch loads; a policy set in the environment wins (README: "Threads").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 try:  # Ctrl-C while torch is still loading (a few seconds) ends quietly, like a Ctrl-C at any other moment
     import numpy as np
     import torch
