@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 # One thread for the tests' tiny models (and the scripts they start), unless the environment says otherwise: nearly
-# as fast as two on an idle machine, and not several times slower on a busy one (README: "Threads").
+# as fast as two on an idle machine, and not several times slower on a busy one (README: "Threads on a shared CPU").
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
