@@ -1868,7 +1868,8 @@ def cli(config_cls, main: Callable, argv=None) -> int:
     except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-    if dist.is_initialized():
+    if dist.is_initialized():  # leave together: a process that tears down while process 0 still draws pictures
+        dist.barrier()         # can take the group's background threads down with an abort
         dist.destroy_process_group()
     return 0
 

@@ -1367,8 +1367,11 @@ def test_a_closed_stdout_does_not_stop_training(tmp_path):
 def test_ctrl_c_while_torch_loads_is_quiet(tmp_path):
     """Ctrl-C in the first second, while the script is still importing torch: no traceback, the status of an
     interrupted program (130, or death by SIGINT if it came before Python was ready)."""
+    # SIGINT as a terminal sends it: restored to its default in the child, so that Python turns it into
+    # KeyboardInterrupt even where this test runs with SIGINT ignored (a background job of a shell).
     proc = subprocess.Popen([sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
