@@ -132,9 +132,9 @@ NULL_LABEL = -1  # the label ∅ of classifier-free guidance: "condition on noth
 
 
 def check_labels(y: torch.Tensor | None, num_classes: int | None) -> torch.Tensor | None:
-    """Returns y (B,) after checking that every label is a class 0 … num_classes − 1 or NULL_LABEL (y None,
-    num_classes None or 0: no check). Called once where labels enter (the data, the samplers), not in every forward pass: unchecked, the label
-    num_classes would silently mean ∅, and −2 would fail deep inside the embedding."""
+    """y (B,), checked: every label a class 0 … num_classes − 1 or NULL_LABEL (y or num_classes None/0: no check).
+    Called once where labels enter (data, samplers), not in every forward pass; unchecked, the label num_classes
+    would silently mean ∅, and −2 would fail deep inside the embedding."""
     if y is not None and num_classes:
         bad = y[(y != NULL_LABEL) & ((y < 0) | (y >= num_classes))]
         if len(bad):
@@ -1293,8 +1293,9 @@ def open_saved_run(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, Checkpoi
     ckpt = newest_checkpoint(cfg.out_dir)
     if ckpt.state["config_class"] != type(cfg).__name__:  # another script's run: its settings mean nothing here
         saved, data = ckpt.state["config"], ckpt.state["data_info"]
-        about = (f"U-Net {saved['model']!r}" if "model" in saved else "MLP") + " on " + "×".join(
-            map(str, data["shape"])) + " data" + (f", {len(data['class_names'])} classes" if data["class_names"] else "")
+        classes = f", {len(data['class_names'])} classes" if data["class_names"] else ""
+        net = f"U-Net {saved['model']!r}" if "model" in saved else "MLP"
+        about = f"{net} on {'×'.join(map(str, data['shape']))} data{classes}"
         raise UserError(f"{cfg.out_dir} holds a {ckpt.state['script']} run ({about}), not one of {script_name(cfg)}; "
                         f"use {ckpt.state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
     names = {f.name for f in fields(cfg)}
@@ -1688,7 +1689,8 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
         on_rank_0(claim)  # the others wait, then read the checkpoint process 0 chose: the newest left
         with StopOnSignal() as stop:
             trainer = Trainer(model, diffusion, data, cfg, device)
-            # A fresh CPU run of some length measures its thread count (a resume keeps the one saved in its config).
+            # A fresh CPU run of 200+ steps measures its thread count (the probe, under a second, is then small next
+            # to the run); a resume keeps the count saved in its config, and OMP_NUM_THREADS or --threads skip it.
             if (not cfg.threads and not cfg.resume and device.type == "cpu" and cfg.steps >= 200 and trainer.world == 1
                     and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in os.environ):
                 trainer.cfg = cfg = dataclasses.replace(cfg, threads=measure_threads(trainer))
@@ -1710,7 +1712,7 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
         print(f"warning: --warmup {cfg.warmup} is longer than the run (--steps {cfg.steps}): the learning rate never "
               f"reaches --lr {cfg.lr}; lower --warmup for a short run", file=sys.stderr)
     metrics = MetricsLog(out_dir / "metrics.csv", c.step) if main else None
-    tic, window = time.perf_counter(), 0  # wall time of the steps since the last log line (sampling and saving left out)
+    tic, window = time.perf_counter(), 0  # the steps since the last log line, and their time (not sampling or saving)
     while c.step < cfg.steps:
         lr = trainer.schedule.get_last_lr()[0]  # the rate this step uses
         trainer.step(stop.signum)
@@ -1844,8 +1846,9 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if cfg.resume or cfg.sample_only:
             cfg, ckpt = open_saved_run(cfg, given)
         cfg.check()
-        if cfg.threads and ("threads" in given or "OMP_NUM_THREADS" not in os.environ):  # the environment wins
-            torch.set_num_threads(cfg.threads)                                          # over a script's default
+        # --threads given now, or the count a resumed run measured and saved; OMP_NUM_THREADS wins over a saved one.
+        if cfg.threads and ("threads" in given or "OMP_NUM_THREADS" not in os.environ):
+            torch.set_num_threads(cfg.threads)
         setup_distributed(cfg.device)  # under torchrun, before any process reads data
         main(cfg, ckpt)
     except UserError as e:
