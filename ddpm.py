@@ -1851,6 +1851,9 @@ def cli(config_cls, main: Callable, argv=None) -> int:
             torch.set_num_threads(cfg.threads)
         setup_distributed(cfg.device)  # under torchrun, before any process reads data
         main(cfg, ckpt)
+        if dist.is_initialized():  # leave together: a process that tears down while process 0 still draws pictures
+            dist.barrier()         # can take the group's background threads down with an abort
+        return 0
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, lines of several processes do not interleave
         return 1
@@ -1871,10 +1874,9 @@ def cli(config_cls, main: Callable, argv=None) -> int:
     except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-    if dist.is_initialized():  # leave together: a process that tears down while process 0 still draws pictures
-        dist.barrier()         # can take the group's background threads down with an abort
-        dist.destroy_process_group()
-    return 0
+    finally:  # on every way out: a group left to the interpreter's exit can abort it ("terminate called …")
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def saved_progress(cfg: TrainConfig) -> str:
