@@ -1012,13 +1012,34 @@ def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
     assert err.count("\n") == 1 and "--sample-steps 150 exceeds the 100 timesteps this model was trained with" in err
 
 
+def test_expected_energy_distance_is_the_mean_over_independent_real_sets():
+    """expected_energy_distance gives 2δ/n, what energy_distance averages to over pairs of independent sets of n
+    points: the mean over 300 pairs at n = 100 lies within 4 standard errors of it (the standard error measured from
+    the same 300 values). Exactly balanced sets (half on each arc) are nearer each other than that; independent
+    draws are not balanced: their upper-arc count has the binomial spread. So the model's samples, independent draws,
+    are compared with independent real sets."""
+    n, pairs = 100, 300
+    g = torch.Generator().manual_seed(0)
+    sets = [train_moons.make_moons(n, 0.05, g, balanced=False)[0] for _ in range(2 * pairs)]
+    values = torch.tensor([train_moons.energy_distance(sets[2 * i], sets[2 * i + 1]) for i in range(pairs)])
+    expected = sum(train_moons.expected_energy_distance(s) for s in sets[:20]) / 20
+    assert abs(values.mean() - expected) < 4 * values.std() / math.sqrt(pairs), (values.mean(), expected)
+    balanced = [train_moons.make_moons(n, 0.05, g)[0] for _ in range(2 * pairs)]
+    nearer = sum(train_moons.energy_distance(balanced[2 * i], balanced[2 * i + 1]) for i in range(pairs)) / pairs
+    assert nearer < 0.9 * expected  # measured: 0.7 to 0.8×, each mean within 5 % (1 standard error 3 %)
+    counts = [(train_moons.make_moons(n, 0.05, g, balanced=False)[1] == 0).sum().item() for _ in range(50)]
+    assert len(set(counts)) > 3 and abs(sum(counts) / 50 - n / 2) < 4 * math.sqrt(n / 4 / 50)
+    assert (train_moons.make_moons(n, 0.05, g)[1] == 0).sum() == n // 2
+
+
 def test_default_moons_run_is_sharp_and_close_to_real_moons(tmp_path, capsys):
     """The default moons run (drawing 2,000 samples instead of 5,000, and no snapshots, for speed) puts under 1 % of
     its points beyond 3σ of both arcs, 50 ± 3 % nearer the upper arc, and is as close to fresh moons as two real
     sets are to each other, within 1.2×. Each threshold is widened by its sampling error at 2,000 points: 2.33
     standard errors of a proportion (a one-sided 1 % risk), and for the energy distance (averaged over 5 fresh
-    sets) 2 standard deviations of the real-vs-real floor, both measured here over 10 pairs. The end-of-run lines
-    report the off-arc share and the distance next to fresh moons' own."""
+    sets) 2 standard deviations of the real-vs-real floor, both measured here over 10 pairs of independent real sets
+    (a model's samples are independent draws, so not a set split exactly in half). The end-of-run lines report the
+    off-arc share and the distance next to fresh moons' own."""
     n = 2000
     args = ["--out-dir", str(tmp_path), "--num-samples", str(n), "--sample-every", "0", "--device", "cpu"]
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
@@ -1031,7 +1052,8 @@ def test_default_moons_run_is_sharp_and_close_to_real_moons(tmp_path, capsys):
 
     assert train_moons.off_arc_share(samples, 0.05) < 0.01 + 2.33 * se(0.01)
     assert abs(train_moons.upper_share(samples) - 0.5) < 0.03 + 2.33 * se(0.5)
-    real = [train_moons.make_moons(n, 0.05, torch.Generator().manual_seed(100 + i))[0] for i in range(20)]
+    real = [train_moons.make_moons(n, 0.05, torch.Generator().manual_seed(100 + i), balanced=False)[0]
+            for i in range(20)]
     floor = torch.tensor([train_moons.energy_distance(real[2 * i], real[2 * i + 1]) for i in range(10)])
     distance = sum(train_moons.energy_distance(samples, r) for r in real[:5]) / 5
     assert distance < 1.2 * floor.mean() + 2 * floor.std(), (distance, floor.mean().item(), floor.std().item())
