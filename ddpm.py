@@ -1863,7 +1863,11 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         detail = re.sub(r"^\[.*?\] ", "", one_line(e)).split(". ")[0]  # gloo's words, without its source line
         sys.stderr.write(f"error: lost contact with another torchrun process, which stopped or crashed (see its "
                          f"messages): {detail}; the checkpoints in {cfg.out_dir} are intact: resume with --resume\n")
-        return 1
+        # Leave at once: after a peer's death gloo can abort the interpreter's exit ("terminate called …"), even
+        # with the group destroyed. Nothing is left to tidy: checkpoints are written whole, the lock dies with us.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except TrainingInterrupted as e:
         if process_rank()[0] == 0:  # under torchrun all processes stopped together; process 0 speaks for all
             print(e, file=sys.stderr)

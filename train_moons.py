@@ -103,14 +103,20 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
 
 
-def expected_energy_distance(real: torch.Tensor) -> float:
+def expected_energy_distance(real: torch.Tensor, labels: torch.Tensor | None = None) -> float:
     """The energy distance between two independent sets of n = len(real) points of real's distribution, on average:
-    2δ/n, with δ = E‖x − x'‖ estimated from real. Not zero, because each set's mean over its n² pairs counts the n
-    zero distances of a point to itself: E‖a − a'‖ = (1 − 1/n)·δ, while E‖a − b‖ = δ. It is an average: over 300
-    pairs of real moons sets, 90 % lay between 0.34 and 2.4 times it, and 1 % beyond 3.5 times (much of the spread
-    is each set's random split between the two arcs, which the line before the distance reports)."""
+    2δ/n, with δ = E‖x − x'‖ over pairs of distinct points of real. Not zero, because each set's mean over its n²
+    pairs counts the n zero distances of a point to itself: E‖a − a'‖ = (1 − 1/n)·δ, while E‖a − b‖ = δ.
+    With labels, for two sets split exactly in half between the arcs (as make_moons' balanced sets and class-
+    conditional samples are): 2δ_same/n, δ_same over pairs on the same arc, since a balanced set holds slightly
+    fewer same-arc pairs than independent draws. It is an average: over 300 pairs of independent real sets, 90 %
+    lay between 0.34 and 2.4 times it, and 1 % beyond 3.5 times (much of that spread is each set's random split
+    between the arcs, which the line before the distance reports)."""
     n, real = len(real), real.double()
-    return 2 * (torch.cdist(real, real).sum() / (n * (n - 1))).item() / n
+    pairs = ~torch.eye(n, dtype=torch.bool)
+    if labels is not None:
+        pairs &= labels[:, None] == labels[None, :]
+    return 2 * (torch.cdist(real, real) * pairs).sum().item() / pairs.sum().item() / n
 
 
 def plot_points(panels, path: Path) -> None:
@@ -195,7 +201,8 @@ def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
     samples = samples.cpu() * std + mean
     paths = [ddpm.output_path(cfg, name) for name in ("samples.npy", "samples.png", "reverse.gif")]
     np.save(paths[0], samples.numpy().astype(np.float32))
-    real, _ = make_moons(n, cfg.noise, torch.Generator().manual_seed(cfg.seed + 1), balanced=False)
+    # Fresh moons drawn the way the samples were: independently, or half of each label with --class-cond.
+    real, labels = make_moons(n, cfg.noise, torch.Generator().manual_seed(cfg.seed + 1), balanced=cfg.class_cond)
     plot_points([("real (fresh moons)", real), (f"generated ({cfg.sampler})", samples)], paths[1])
     save_reverse_gif(trajectory[:, :1000] * std + mean, paths[2])
     print(f"wrote {', '.join(map(str, paths))}" + ("" if cfg.sample_only else f", {out_dir / 'loss.png'}"))
@@ -204,7 +211,8 @@ def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
           f"(fresh moons: {off_arc_share(real, cfg.noise):.1%}); nearer the upper arc: {upper_share(samples):.1%} "
           f"(fresh: {upper_share(real):.1%})")
     print(f"energy distance to fresh moons: {energy_distance(samples, real):.5f} "
-          f"(two independent real sets of {n:,}: {expected_energy_distance(real):.5f} on average)")
+          f"(two such real sets of {n:,}: {expected_energy_distance(real, labels if cfg.class_cond else None):.5f} "
+          f"on average)")
 
 
 if __name__ == "__main__":
