@@ -41,8 +41,8 @@ Deviations from the papers, each marked where it happens:
        x_T is close to pure noise for any T. At T = 1000 it is exactly DDPM's.
     2. Guidance weight: we write ε̃ = ε_∅ + w·(ε_y − ε_∅), so w = 1 is the plain conditional model and w = 0 the
        unconditional one; [CFG]'s w is our w − 1.
-    3. U-Net attention uses heads of 64 channels where the width allows (DDPM: one head). Same parameters, faster kernels.
-    4. The EMA decay warms up as min(decay, (1 + n)/(10 + n)) so short runs are not dominated by the random initial weights.
+    3. U-Net attention uses 64-channel heads where the width allows (DDPM: one head); same parameters, faster kernels.
+    4. The EMA decay warms up as min(decay, (1 + n)/(10 + n)): short runs are not dominated by the initial weights.
     5. The class embedding is added to the timestep embedding (DDPM has no labels; this is the usual way, as in [CFG]).
     6. GroupNorm keeps at least 4 channels per group (DDPM: 32 groups, which is 4 channels at its narrowest width);
        narrow networks such as the MNIST preset get fewer groups instead of per-channel normalisation.
@@ -602,7 +602,7 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))               # (B, in_ch, H, W)
 
 
-# Presets (--model). Parameter counts without the class embedding, for 32×32×3 (mnist: 28×28×1); test_ddpm.py checks them.
+# Presets (--model). Parameter counts (checked by test_ddpm.py) without the class embedding, at 32×32×3 (mnist 28×28×1).
 UNET_PRESETS = {
     "tiny": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0),       # tests, smoke runs
     "mnist": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0),  # CPU-friendly
@@ -805,6 +805,9 @@ class TrainConfig:
         "out_dir", "resume", "overwrite", "device", "threads", "steps", "amp", "compile", "max_bad_steps", "log_every",
         "sample_every", "ckpt_every", "keep_ckpts", "sample_only", "sampler", "sample_steps", "num_samples",
         "guidance", "seed"})  # seed: the weights, data order and RNGs come from the checkpoint; it sets the samples
+    # Fields that ask something of one call, not of the run: never taken from a checkpoint's saved settings (a run
+    # started with --overwrite must not resume with it, nor a --dump-samples run dump again at every resume).
+    PER_CALL: ClassVar[frozenset] = frozenset({"resume", "overwrite", "sample_only"})
     CHOICES: ClassVar[dict] = {"schedule": SCHEDULES, "sampler": ("ddpm", "ddim"), "amp": ("auto", "bf16", "none"),
                                "lr_decay": ("none", "cosine")}
     METAVARS: ClassVar[dict] = {"out_dir": "DIR", "device": "DEVICE"}  # what --help shows for a value (else INT …)
@@ -836,6 +839,8 @@ class TrainConfig:
         if self.sampler == "ddim" and self.sample_steps > self.num_timesteps:
             raise UserError(f"--sample-steps {self.sample_steps} exceeds the {self.num_timesteps} timesteps this model "
                             f"was trained with; give at most {self.num_timesteps}")
+        if not 0 <= self.seed < 2**32:  # offsets of up to k·2³² are added to it for per-process and per-chunk streams
+            raise UserError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         if not self.out_dir.strip():
@@ -907,6 +912,10 @@ def setup_distributed(device_name: str = "auto") -> tuple[int, int]:
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         cuda = torch.cuda.is_available() and device_name.split(":")[0] in ("auto", "cuda")
         if cuda:
+            gpus = torch.cuda.device_count()
+            if int(os.environ["LOCAL_RANK"]) >= gpus:  # one process per GPU
+                raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE')} processes on a machine with "
+                                f"{gpus} GPU(s); give --nproc_per_node={gpus}")
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         # A process that dies closes its connections: the others fail at their next exchange, in seconds. The timeout
         # is for one hung alive; it must outlast the longest wait for process 0 alone (pictures, checkpoint, download).
@@ -951,6 +960,8 @@ def choose_device(name: str = "auto") -> torch.device:
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         raise UserError(f"--device {name}: not available on this machine; use --device auto or --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     if setup_distributed(name)[1] > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
@@ -1202,7 +1213,8 @@ def load_checkpoint(path) -> dict:
     except Exception as e:  # any failure to read an untrusted file is the file's fault, so report it as such
         if "Weights only load failed" in str(e):
             raise CheckpointError(f"refusing to load {path}: it holds pickled Python objects, not only tensors, and "
-                                  f"those could run code (nothing of it ran); use checkpoints written by ddpm.py") from None
+                                  f"those could run code (nothing of it ran); use checkpoints written by "
+                                  f"ddpm.py") from None
         raise CheckpointError(f"{path} is unreadable: truncated or corrupted ({one_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a DiffusionLab checkpoint (it lacks format={CKPT_FORMAT!r})")
@@ -1298,7 +1310,7 @@ def open_saved_run(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, Checkpoi
         about = f"{net} on {'×'.join(map(str, data['shape']))} data{classes}"
         raise UserError(f"{cfg.out_dir} holds a {ckpt.state['script']} run ({about}), not one of {script_name(cfg)}; "
                         f"use {ckpt.state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
-    names = {f.name for f in fields(cfg)}
+    names = {f.name for f in fields(cfg)} - cfg.PER_CALL
     saved = {k: v for k, v in ckpt.state["config"].items() if k in names}
     return type(cfg)(**{**saved, **given, "out_dir": cfg.out_dir}), ckpt
 
@@ -1630,6 +1642,13 @@ def measure_threads(trainer: Trainer) -> int:
     return best
 
 
+def use_threads(cfg: TrainConfig, given: bool = False) -> None:
+    """Sets PyTorch's CPU threads to cfg.threads (0: leaves them): a count given now (given), or one a run measured
+    and saved, which a resume needs for bit-exact sums. OMP_NUM_THREADS in the environment wins over a saved one."""
+    if cfg.threads and (given or "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(cfg.threads)
+
+
 def check_out_dir(cfg: TrainConfig) -> None:
     """Refuses --resume without a checkpoint, and a fresh start over one without --overwrite (so no run is lost)."""
     found = find_checkpoints(cfg.out_dir)
@@ -1660,6 +1679,7 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
         raise UserError("the training data holds NaN or Inf values; clean or drop those examples")
     if len(data.x) == 0:
         raise UserError("the training set is empty; give it at least one example")
+    use_threads(cfg)  # from Python as from the command line
     device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
 
     def claim():  # under torchrun, process 0's alone (on_rank_0)
@@ -1784,14 +1804,16 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     if device.type == "cuda":
         peak, where = torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
     else:
-        import resource  # peak resident memory of the whole process (Linux reports KiB)
-        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process"
+        import resource  # peak resident memory of the whole process: KiB on Linux, bytes on macOS
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak, where = maxrss / (2**30 if sys.platform == "darwin" else 2**20), "process"
     tflops = flops_per_image * img_per_s / 1e12
     params = sum(p.numel() for p in model.parameters())
     per = f" ({img_per_s / trainer.world:,.0f} per {where}, {trainer.world} processes)" if trainer.world > 1 else ""
     print(f"bench: {params / 1e6:.1f}M parameters | batch {cfg.batch_size} | amp {trainer.amp or 'none'} | compile "
           f"{cfg.compile} | {steps} steps in {seconds:.2f} s | {img_per_s:,.0f} img/s{per} | "
-          f"{flops_per_image / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.1f} TFLOP/s | {peak:.2f} GiB peak {where} memory")
+          f"{flops_per_image / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.1f} TFLOP/s | "
+          f"{peak:.2f} GiB peak {where} memory")
     return {"img_per_s": img_per_s, "flops_per_image": flops_per_image, "tflops": tflops, "peak_gib": peak}
 
 
@@ -1846,9 +1868,7 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if cfg.resume or cfg.sample_only:
             cfg, ckpt = open_saved_run(cfg, given)
         cfg.check()
-        # --threads given now, or the count a resumed run measured and saved; OMP_NUM_THREADS wins over a saved one.
-        if cfg.threads and ("threads" in given or "OMP_NUM_THREADS" not in os.environ):
-            torch.set_num_threads(cfg.threads)
+        use_threads(cfg, given="threads" in given)
         setup_distributed(cfg.device)  # under torchrun, before any process reads data
         main(cfg, ckpt)
         if dist.is_initialized():  # leave together: a process that tears down while process 0 still draws pictures
@@ -1943,6 +1963,7 @@ class ImageConfig(TrainConfig):
 
     RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"data_dir", "data", "label", "dump_samples", "dump_dir",
                                                               "bench"}
+    PER_CALL: ClassVar[frozenset] = TrainConfig.PER_CALL | {"dump_samples", "dump_dir", "bench"}
     CHOICES: ClassVar[dict] = {**TrainConfig.CHOICES, "model": tuple(UNET_PRESETS), "channels": (1, 3)}
     AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0}
     METAVARS: ClassVar[dict] = {**TrainConfig.METAVARS, "data_dir": "DIR", "data": "FOLDER", "dump_dir": "DIR",

@@ -1431,6 +1431,67 @@ def test_threads_flag_and_measured_thread_count(tmp_path, monkeypatch, capsys):
     assert_same_weights(tmp_path / "measured" / "ckpt.pt", tmp_path / "told" / "ckpt.pt")
 
 
+def test_flags_of_one_call_are_not_taken_from_the_saved_run(tmp_path, capsys):
+    """--resume and --sample-only take a run's saved settings, but not those that asked something of the call that
+    saved them: a run started with --overwrite resumes with the command it prints on Ctrl-C (no "contradict"), and a
+    run trained with --dump-samples resumes and samples without dumping again (or refusing its full dump folder)."""
+    started = moons_args(tmp_path / "moons", 20, "--overwrite")[2:]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, started) == 0
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main,
+                    ["--out-dir", str(tmp_path / "moons"), "--resume", "--steps", "40"]) == 0
+    assert ddpm.load_checkpoint(tmp_path / "moons" / "ckpt.pt")["step"] == 40
+    folder, out = make_image_folder(tmp_path / "images", per_class=2), tmp_path / "run"
+    args = ["--data", str(folder), "--out-dir", str(out), "--model", "tiny", "--image-size", "16", "--batch-size", "2",
+            "--num-timesteps", "10", "--sampler", "ddim", "--sample-steps", "2", "--num-samples", "3", "--steps", "2",
+            "--sample-every", "0", "--device", "cpu", "--dump-samples", "2"]
+    assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, args) == 0
+    dumped = {p.name: p.read_bytes() for p in (out / "dump").iterdir()}
+    assert len(dumped) == 2
+    for more in (["--sample-only", "--label", "circle"], ["--resume", "--steps", "3"]):
+        assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, ["--out-dir", str(out), *more]) == 0, more
+        assert {p.name: p.read_bytes() for p in (out / "dump").iterdir()} == dumped
+    assert "error" not in capsys.readouterr().err
+
+
+def test_devices_seeds_and_threads_are_checked_where_they_enter(tmp_path, monkeypatch):
+    """A GPU index the machine lacks, and more torchrun processes on a machine than it has GPUs, are one-line
+    UserErrors (not an AssertionError after the data has loaded); a seed outside [0, 2³²) is refused before training
+    (offsets of k·2³² are added to it); train() from Python applies cfg.threads; the benchmark's peak memory reads
+    ru_maxrss in bytes on macOS (KiB on Linux)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ddpm.UserError, match=r"--device cuda:5: this machine has 1 GPU\(s\)"):
+        ddpm.choose_device("cuda:5")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ddpm.UserError, match=r"torchrun started 4 processes .* 1 GPU\(s\); give --nproc_per_node=1"):
+        ddpm.setup_distributed("cuda")
+    assert not torch.distributed.is_initialized()
+    monkeypatch.undo()
+    for seed in (-1, 2**32):
+        with pytest.raises(ddpm.UserError, match=f"--seed must be between 0 and 4294967295, got {seed}"):
+            ddpm.TrainConfig(seed=seed).check()
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        tiny_run(tmp_path / "one", steps=2, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    import resource
+
+    class Usage:
+        ru_maxrss = 3 * 2**30  # bytes, as macOS reports them
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(resource, "getrusage", lambda who: Usage)
+    data = ddpm.Data(torch.randn(8, 2))
+    figures = ddpm.benchmark(ddpm.MLP(hidden=8, depth=1), ddpm.Diffusion(10), data,
+                             ddpm.TrainConfig(batch_size=4, device="cpu"), steps=1, warmup=0)
+    assert figures["peak_gib"] == 3.0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The walkthrough in docs/: cited names, pictures and exercise checks
 # ----------------------------------------------------------------------------------------------------------------------
