@@ -42,7 +42,7 @@ class MoonsConfig(ddpm.TrainConfig):
     ckpt_every: int = 500           # write a checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)
     num_samples: int = 5000         # points written to samples.npy, plotted and compared with fresh moons
     noise: float = 0.05             # standard deviation of the Gaussian noise around the arcs
-    num_points: int = 100_000       # training points (drawn once, with --seed); 100k: too many to learn their chance lumps
+    num_points: int = 100_000       # training points (drawn once, with --seed); 100k: too many to copy their lumps
     hidden: int = 128               # MLP width
     depth: int = 3                  # MLP residual blocks
     fourier: int = 4                # Fourier features of the input, frequencies 1, 2, 4, 8 (0: the raw point only)

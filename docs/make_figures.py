@@ -308,7 +308,7 @@ def main() -> None:
     figure_noised_image()
     figure_schedules()
     figure_posterior_variance()
-    points, _ = make_moons(10_000, MOONS.noise, torch.Generator().manual_seed(0))  # enough for smooth histograms
+    points, _ = make_moons(10_000, MOONS.noise, torch.Generator().manual_seed(0))  # the 10,000 points chapter 1.6 names
     figure_moons_forward((points - points.mean(0)) / points.std(0))
     diffusion, model, mean, std = moons_model(class_cond=False, retrain=args.retrain)
     figure_moons_reverse(diffusion, model)
