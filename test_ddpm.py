@@ -737,16 +737,54 @@ def test_out_dir_that_refuses_writes_is_a_clear_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_compile_and_bf16_switches_train_and_save_plain_weights(tmp_path, monkeypatch):
-    """--compile trains through torch.compile (here with its eager backend, to keep the test fast) and the
-    checkpoint holds the plain module's weight names (no "_orig_mod." prefix); --amp bf16 trains under autocast."""
+def test_gpu_fast_path_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """The path a GPU run takes (bf16 autocast, torch.compile, channels-last memory, fused AdamW), forced on the CPU:
+    it trains a U-Net, saves the plain module's weights (no "_orig_mod." prefix) in NHWC order with the fused
+    optimizer's state, resumes bit-exactly, samples finite images and benchmarks. torch.compile runs its graph
+    capture of forward and backward (Dynamo and AOTAutograd, dropout's random numbers included) with the
+    "aot_eager" backend: inductor's code generation would add about 3 minutes of C++ compilation on a cold cache."""
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
-    tiny_run(tmp_path / "compiled", steps=10, compile=True)
-    names = ddpm.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")["model"].keys()
-    assert names == ddpm.MLP(2, 32, 1).state_dict().keys()
-    ema, _ = tiny_run(tmp_path / "bf16", steps=10, amp="bf16")
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="aot_eager"))
+    gpu_like = ddpm.FastPath(amp=torch.bfloat16, channels_last=True, fused_adam=True)
+    monkeypatch.setattr(ddpm.FastPath, "choose", classmethod(lambda cls, cfg, device, images: gpu_like))
+    fast = dict(kind="images", compile=True, amp="bf16", num_timesteps=20, batch_size=8)
+    tiny_run(tmp_path / "a", steps=6, **fast)
+    tiny_run(tmp_path / "b", steps=3, **fast)
+    ema, cfg = tiny_run(tmp_path / "b", steps=6, resume=True, **fast)
+    assert_same_weights(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt")
+    state = ddpm.load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    weight = state["model"]["conv_in.weight"]
+    assert not any(name.startswith("_orig_mod.") for name in state["model"])
+    assert weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    assert state["optimizer"]["param_groups"][0]["fused"] is True
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in ema.parameters())
+    x = ddpm.Diffusion(20).ddim_sample(ema, (3, 1, 8, 8), steps=5, y=torch.arange(3), guidance=2.0,
+                                       generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 8, 8) and x.isfinite().all()
+    data = ddpm.Data(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.arange(16) % 3, ("a", "b", "c"))
+    model = ddpm.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8,
+                      num_classes=3)
+    result = ddpm.benchmark(model, ddpm.Diffusion(20), data, cfg, steps=2, warmup=1)
+    assert result["img_per_s"] > 0 and result["flops_per_image"] > 0
+    assert "amp bf16 | channels-last True | fused AdamW True | compile True" in capsys.readouterr().out
+
+
+def test_fast_path_is_chosen_by_the_hardware_and_the_data(monkeypatch):
+    """--amp auto is bf16 for images exactly where the device computes bf16 natively, never for points; --amp
+    none and bf16 are obeyed; NHWC goes with bf16 on a GPU but only with float32 on a CPU; AdamW is fused on both."""
+    cpu, cfg = torch.device("cpu"), ddpm.TrainConfig()
+    for native in (False, True):
+        monkeypatch.setattr(ddpm, "native_bf16", lambda device: native)
+        images = ddpm.FastPath.choose(cfg, cpu, images=True)
+        assert images.amp == (torch.bfloat16 if native else None) and images.channels_last == (not native)
+        assert ddpm.FastPath.choose(cfg, cpu, images=False) == ddpm.FastPath(None, False, True)
+        none = ddpm.FastPath.choose(ddpm.TrainConfig(amp="none"), cpu, images=True)
+        assert none.amp is None and none.channels_last
+        assert ddpm.FastPath.choose(ddpm.TrainConfig(amp="bf16"), cpu, images=False).amp == torch.bfloat16
+    assert ddpm.FastPath.choose(cfg, torch.device("cuda"), images=True) == ddpm.FastPath(torch.bfloat16, True, True)
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    monkeypatch.undo()
+    assert ddpm.native_bf16(cpu) == ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
 def test_lock_keeps_a_second_run_out_and_dies_with_its_owner(tmp_path):
