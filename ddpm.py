@@ -839,6 +839,10 @@ class TrainConfig:
         if self.sampler == "ddim" and self.sample_steps > self.num_timesteps:
             raise UserError(f"--sample-steps {self.sample_steps} exceeds the {self.num_timesteps} timesteps this model "
                             f"was trained with; give at most {self.num_timesteps}")
+        if self.steps > 10**9:  # at thousands of steps a second, a billion is weeks: a typo, not a plan
+            raise UserError(f"--steps {self.steps} is more than a billion; give the number of optimizer steps")
+        if not self.resume:  # a resumed run's count may come from its checkpoint, saved on a bigger machine (cli)
+            check_threads(self.threads)
         if not 0 <= self.seed < 2**32:  # offsets of up to k·2³² are added to it for per-process and per-chunk streams
             raise UserError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.resume and self.overwrite:
@@ -849,6 +853,13 @@ class TrainConfig:
         if self.batch_size % world and not self.sample_only:
             raise UserError(f"--batch-size {self.batch_size} is the global batch, shared by {world} processes: "
                             f"give a multiple of {world}")
+
+
+def check_threads(threads: int) -> None:
+    """Refuses more threads than the machine has cores: they would only wait for each other."""
+    if threads > (os.cpu_count() or 1):
+        raise UserError(f"--threads {threads}: this machine has {os.cpu_count()} cores; give at most that, "
+                        f"or 0 to choose")
 
 
 def config_help(cls) -> dict:
@@ -864,7 +875,11 @@ def config_help(cls) -> dict:
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line gets one line (not the whole usage block) and exit status 2."""
+    """argparse, but a bad command line gets one line (not the whole usage block) and exit status 2, and flags are
+    never abbreviated: argparse would take --step 10 as --steps 10, and a later flag could change what it means."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -1868,6 +1883,7 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if cfg.resume or cfg.sample_only:
             cfg, ckpt = open_saved_run(cfg, given)
         cfg.check()
+        check_threads(given.get("threads", 0))
         use_threads(cfg, given="threads" in given)
         setup_distributed(cfg.device)  # under torchrun, before any process reads data
         main(cfg, ckpt)
@@ -2113,8 +2129,11 @@ def output_path(cfg: TrainConfig, name: str) -> Path:
         return path
     steps = cfg.sample_steps if cfg.sampler == "ddim" else cfg.num_timesteps
     label = getattr(cfg, "label", "all")
-    tag = f"{cfg.sampler}{steps}_w{cfg.guidance:g}" + ("" if label == "all" else f"_{label}") + f"_seed{cfg.seed}"
-    return path.with_name(path.stem + "_" + re.sub(r"[^\w.-]+", "-", tag) + path.suffix)
+    # Every setting that changes what is drawn is in the name, so that no two --sample-only calls share a file;
+    # "+" is kept: 1e+06 and 1e-06 are different weights.
+    tag = (f"{cfg.sampler}{steps}_w{cfg.guidance:g}_n{cfg.num_samples}" + ("" if label == "all" else f"_{label}")
+           + f"_seed{cfg.seed}")
+    return path.with_name(path.stem + "_" + re.sub(r"[^\w.+-]+", "-", tag) + path.suffix)
 
 
 def save_class_grid(diffusion, model, cfg, class_names, labels, path: Path, title: str = "") -> None:

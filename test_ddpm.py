@@ -1000,9 +1000,9 @@ def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
     args = ["--out-dir", str(out), "--sample-only", "--sampler", "ddim", "--sample-steps", "20", "--num-samples", "300"]
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
     assert all(p.read_bytes() == data for p, data in before.items())
-    new = {"samples_ddim20_w1_seed0.npy", "samples_ddim20_w1_seed0.png", "reverse_ddim20_w1_seed0.gif"}
+    new = {"samples_ddim20_w1_n300_seed0.npy", "samples_ddim20_w1_n300_seed0.png", "reverse_ddim20_w1_n300_seed0.gif"}
     assert {p.name for p in out.iterdir()} - {p.name for p in out.iterdir() if p in before or p.is_dir()} == new
-    assert np.load(out / "samples_ddim20_w1_seed0.npy").shape == (300, 2)
+    assert np.load(out / "samples_ddim20_w1_n300_seed0.npy").shape == (300, 2)
     printed = capsys.readouterr().out
     assert "step " not in printed and all(str(out / name) in printed for name in new)
     # DDIM steps are checked against the checkpoint's T (100), not the script's default T (200).
@@ -1121,7 +1121,7 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script, monkeyp
     # Sampling never replaces what the run wrote: new pictures beside them, named after what was drawn.
     assert all(p.read_bytes() == data for p, data in before.items())
     new = {p.name for p in out.iterdir()} - {p.name for p in out.iterdir() if p in before or p.is_dir()}
-    assert new == {"samples_ddim4_w2_seed0.png", "reverse_ddim4_w2_seed0.png"}
+    assert new == {"samples_ddim4_w2_n6_seed0.png", "reverse_ddim4_w2_n6_seed0.png"}
     names = sorted(p.name for p in dump.iterdir())
     assert len(names) == 7 and sum(n.endswith("_circle.png") for n in names) == 3
     assert sum(n.endswith("_square.png") for n in names) == 2 and sum(n.endswith("_stripe.png") for n in names) == 2
@@ -1140,7 +1140,7 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script, monkeyp
     # One class: a square grid with a readable title, not 100 images in one 7,600-pixel row.
     args = ["--out-dir", str(out), "--sample-only", "--label", "1", "--num-samples", "100", "--seed", "3"]
     assert ddpm.cli(config, script.main, args) == 0
-    width, height = Image.open(out / "samples_ddim4_w2_1_seed3.png").size
+    width, height = Image.open(out / "samples_ddim4_w2_n100_1_seed3.png").size
     assert 300 <= width <= 1500 and 0.7 <= width / height <= 1.4, (width, height)
 
 
@@ -1824,3 +1824,32 @@ def test_torchrun_refusals_reach_every_process(tmp_path):
         err = next((tmp_path / "logs").glob(f"*/attempt_0/{rank}/stderr.log")).read_text()
         assert err.count("\n") == 1 and "is in use by another training run" in err, err
     assert not ddpm.find_checkpoints(tmp_path / "held")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A new user's first hour: names that never collide, absurd values, stops and waits
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_sample_only_names_differ_in_every_setting_that_changes_the_samples(tmp_path):
+    """--sample-only file names carry the number of samples and the guidance weight with its sign: calls that draw
+    different things (4 images or 100, w = 1e+06 or 1e-06) never write to the same file."""
+    base = dict(out_dir=str(tmp_path), sample_only=True, sampler="ddim", sample_steps=50, label="7")
+    names = [ddpm.output_path(train_mnist.MnistConfig(**base, **extra), "samples.png").name
+             for extra in ({"guidance": 3.0, "num_samples": 100}, {"guidance": 3.0, "num_samples": 4},
+                           {"guidance": 1e6}, {"guidance": 1e-6})]
+    assert len(set(names)) == 4, names
+    assert names[2] == "samples_ddim50_w1e+06_n100_7_seed0.png" and "w1e-06" in names[3]
+
+
+def test_absurd_values_and_abbreviated_flags_are_refused(tmp_path, capsys):
+    """More threads than cores, more than a billion steps, and a flag abbreviated (--step for --steps, which
+    argparse would otherwise accept) are each refused with one line, before anything is created."""
+    out = tmp_path / "run"
+    for args, status, message in [
+            (["--threads", str((os.cpu_count() or 1) + 1)], 1, f"this machine has {os.cpu_count()} cores"),
+            (["--steps", "99999999999999999999"], 1, "is more than a billion"),
+            (["--step", "10"], 2, "unrecognized arguments: --step 10")]:
+        assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), *args]) == status
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not out.exists()

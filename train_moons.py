@@ -4,7 +4,7 @@
                                             #   reverse.gif, snapshots/, ckpt.pt, metrics.csv
     python train_moons.py --resume          # continue an interrupted run (bit-exact on a CPU)
     python train_moons.py --sample-only --sampler ddim --seed 1   # new samples from the saved model, written
-                                            #   beside the run's own as samples_ddim100_w1_seed1.npy, .png, .gif
+                                            #   beside the run's own as samples_ddim100_w1_n5000_seed1.npy, .png, .gif
     python train_moons.py --class-cond --overwrite --guidance 2   # learn p(x | which moon), sample each by label
     python train_moons.py --help            # every setting, with its default
 
