@@ -836,7 +836,7 @@ class TrainConfig:
         if self.schedule == "linear" and self.num_timesteps < 2:
             raise UserError("--num-timesteps must be at least 2 for the linear schedule (T = 1 leaves x_T noiseless)")
         # The one check of DDIM steps against T. With --resume and --sample-only, T is the checkpoint's by now (cli).
-        if self.sampler == "ddim" and self.sample_steps > self.num_timesteps:
+        if self.sampler in ("ddim", "auto") and self.sample_steps > self.num_timesteps:
             raise UserError(f"--sample-steps {self.sample_steps} exceeds the {self.num_timesteps} timesteps this model "
                             f"was trained with; give at most {self.num_timesteps}")
         if self.steps > 10**9:  # at thousands of steps a second, a billion is weeks: a typo, not a plan
@@ -1402,39 +1402,62 @@ class OutDirLock:
 
 
 class AbortedBySignal(KeyboardInterrupt):
-    """A second SIGINT or SIGTERM: stop at once. A KeyboardInterrupt, so that no `except Exception` swallows it."""
+    """A signal that stops the run at once. A KeyboardInterrupt, so that no `except Exception` swallows it.
+    before_training: it came before the first step (while the run was being set up), so nothing was lost."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, before_training: bool = False):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.before_training = signum, before_training
+
+
+class SamplingStopped(Exception):
+    """Raised inside a sampler's loop (see draw) once a stop was asked for: the picture is abandoned, the run saves."""
 
 
 class StopOnSignal:
-    """The first SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) asks the loop to stop after the current
-    step and save; a second one aborts at once (AbortedBySignal). The files on disk stay consistent either way."""
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption notice) during train().
+
+    Before the first step (building the model, measuring threads, restoring) the first signal stops at once: nothing
+    is trained yet. In the loop it asks to stop after the current step and save; a picture being drawn is abandoned
+    within one sampling step (draw polls `active`). A second signal aborts at once only when no step would be lost;
+    while steps since the last checkpoint are still unsaved it is told to wait, and a third one aborts.
+    """
+    active: ClassVar["StopOnSignal | None"] = None  # the one in force, for the samplers' polling
 
     def __init__(self):
-        self.signum, self._previous = None, {}
+        self.signum, self.repeats, self._previous = None, 0, {}
+        self.training, self.unsaved = False, 0  # set by the loop: stepping yet, and steps since the last checkpoint
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._handle)
+            StopOnSignal.active = self
         return self
 
+    def _say(self, text: str) -> None:
+        if process_rank()[0] == 0:  # under torchrun every process gets the signal; process 0 speaks for all
+            # os.write, not print: the signal may arrive while the main code is inside print, which is not reentrant.
+            os.write(2, f"\n{text}\n".encode())
+
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if not self.training:
+            raise AbortedBySignal(signum, before_training=True)
+        name, self.repeats = signal.Signals(signum).name, self.repeats + (self.signum is not None)
+        if self.repeats == 0:
+            self.signum = signum
+            self._say(f"{name}: finishing this step and saving a checkpoint (a picture being drawn is abandoned)")
+        elif self.unsaved == 0 or self.repeats >= 2:
             raise AbortedBySignal(signum)
-        self.signum = signum
-        if process_rank()[0] > 0:  # under torchrun every process gets the signal; process 0 speaks for all
-            return
-        # os.write, not print: the signal may arrive while the main code is inside print, which is not reentrant.
-        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                    f"(send it again to abort at once)\n".encode())
+        else:
+            self._say(f"{name} again: still saving the {self.unsaved} step(s) since the last checkpoint, in about "
+                      f"one step; send it once more to abort and lose them")
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        if StopOnSignal.active is self:
+            StopOnSignal.active = None
 
 
 class MetricsLog:
@@ -1748,10 +1771,11 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
               f"reaches --lr {cfg.lr}; lower --warmup for a short run", file=sys.stderr)
     metrics = MetricsLog(out_dir / "metrics.csv", c.step) if main else None
     tic, window = time.perf_counter(), 0  # the steps since the last log line, and their time (not sampling or saving)
+    stop.training = True  # from here a signal asks to stop after the step, with a checkpoint
     while c.step < cfg.steps:
         lr = trainer.schedule.get_last_lr()[0]  # the rate this step uses
         trainer.step(stop.signum)
-        window += 1
+        window, stop.unsaved = window + 1, stop.unsaved + 1
         if c.bad_streak >= cfg.max_bad_steps:
             saved = find_checkpoints(out_dir)
             kept = f"the last good checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written"
@@ -1770,7 +1794,10 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             tic, window = time.perf_counter(), 0
         # Pictures come from the EMA weights, the ones a user samples from at the end (in eval mode: no dropout).
         if on_snapshot is not None and cfg.sample_every and c.step % cfg.sample_every == 0 and main:
-            on_snapshot(trainer.ema.model, c.step)
+            try:
+                on_snapshot(trainer.ema.model, c.step)
+            except SamplingStopped:  # a signal came while drawing: go straight on to the checkpoint
+                print(f"step {c.step}: picture abandoned for the stop", flush=True)
             tic, window = time.perf_counter(), 0
         # Read once: a signal arriving between two reads must not skip the save. Under torchrun: what all agreed on.
         stopping = stop.signum if trainer.world == 1 else trainer.stop_signal
@@ -1779,7 +1806,7 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             if main:
                 metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
                 save_checkpoint(state, out_dir, cfg.keep_ckpts)
-            tic, window = time.perf_counter(), 0
+            tic, window, stop.unsaved = time.perf_counter(), 0, 0
         if stopping:
             if trainer.world > 1:  # none exits before the checkpoint is written, or torchrun would stop process 0
                 dist.barrier()
@@ -1908,8 +1935,12 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if process_rank()[0] == 0:  # under torchrun all processes stopped together; process 0 speaks for all
             print(e, file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C outside it
-        print(f"aborted; {saved_progress(cfg)}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a signal before the first step, a third one during training, or Ctrl-C outside
+        if getattr(e, "before_training", False):
+            print(f"stopped by {e} before the first training step: nothing was trained, so nothing was lost"
+                  + ("" if not find_checkpoints(cfg.out_dir) else f"; {saved_progress(cfg)}"), file=sys.stderr)
+        else:
+            print(f"aborted; {saved_progress(cfg)}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -1932,12 +1963,83 @@ def saved_progress(cfg: TrainConfig) -> str:
         "training had finished; draw samples with --sample-only)" if done else "resume with --resume)")
 
 
+class Progress:
+    """A wait that says what it does and how far it is, on the line that announces it, updated in place:
+    `step 50: drawing samples/step_000050.png (100 images, ddim 10 steps, guidance 2): 4/10`. As a context
+    manager it ends the line, with the time taken, or with "stopped" when an exception leaves it."""
+
+    def __init__(self, what: str, total: int, unit: str = "", every: float = 1.0):
+        self.what, self.total, self.unit, self.every, self.done = what, total, unit, every, 0
+        self.start = self.shown = time.perf_counter()
+
+    def _show(self, end: str = "") -> None:
+        print(f"\r{self.what}: {self.done:,}/{self.total:,}{self.unit}{end}", end="" if not end else "\n",
+              flush=True)
+
+    def __enter__(self):
+        self._show()
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if time.perf_counter() > self.shown + self.every:  # a few updates a second at most, even into a log file
+            self.shown = time.perf_counter()
+            self._show()
+
+    def __exit__(self, kind, *exc):
+        self._show(f" ({time.perf_counter() - self.start:.0f} s)" if kind is None else " stopped")
+
+
+class _WatchedModel:
+    """The network as a sampler sees it: each call is one sampling step. It counts the step on a Progress line and,
+    once a signal asked train() to stop, raises SamplingStopped at the next step instead of drawing on for minutes.
+    Part I's samplers stay unaware of it; attribute reads (num_classes, conv_in) pass through to the network."""
+
+    def __init__(self, model, progress: Progress | None):
+        self.model, self.progress = model, progress
+
+    def __call__(self, *args, **kwargs):
+        stop = StopOnSignal.active
+        if stop is not None and stop.signum is not None:
+            raise SamplingStopped
+        out = self.model(*args, **kwargs)
+        if self.progress is not None:
+            self.progress.advance()
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+
+def resolve_sampler(cfg: TrainConfig, device) -> TrainConfig:
+    """cfg with --sampler auto and --sample-steps 0 decided for the device: a sampler and a step count that an
+    explicit flag would name. On a GPU, auto is the ancestral sampler (T steps: seconds there). Elsewhere it is
+    DDIM with a tenth of the run's length between pictures, 10 to 100 steps: a picture of B images then costs about
+    what a twentieth of those training steps of batch B do (a sampling step is one forward pass, a training step a
+    forward and a backward one, about three), so drawing stays a small part of a short CPU run."""
+    sampler, steps = cfg.sampler, cfg.sample_steps
+    if sampler == "auto":
+        sampler = "ddim" if steps or torch.device(device).type != "cuda" else "ddpm"
+    if sampler == "ddim" and not steps:
+        between = min(cfg.steps, cfg.sample_every or cfg.steps)
+        steps = min(cfg.num_timesteps, max(10, min(100, between // 10)))
+    return dataclasses.replace(cfg, sampler=sampler, sample_steps=steps or cfg.sample_steps)
+
+
+def sampling_steps(cfg: TrainConfig) -> int:
+    """The network calls one sample takes with cfg's (resolved) sampler."""
+    return cfg.sample_steps if cfg.sampler == "ddim" else cfg.num_timesteps
+
+
 def draw(diffusion: Diffusion, model, cfg: TrainConfig, shape, y=None, generator=None, clip_x0=False,
-         return_trajectory=False):
+         return_trajectory=False, progress: Progress | None = None):
     """Samples with the sampler cfg names: ancestral ("ddpm", T steps) or DDIM ("ddim", cfg.sample_steps, η = 0),
-    with guidance weight cfg.guidance. Arguments and return value as Diffusion.sample."""
+    with guidance weight cfg.guidance. Arguments and return value as Diffusion.sample; progress counts the steps.
+    Raises SamplingStopped within one step of a stop asked for by a signal during train()."""
+    cfg = resolve_sampler(cfg, diffusion.betas.device)
     kwargs = dict(y=y, guidance=cfg.guidance, generator=generator, clip_x0=clip_x0,
                   return_trajectory=return_trajectory)
+    model = _WatchedModel(model, progress)
     if cfg.sampler == "ddim":
         return diffusion.ddim_sample(model, shape, steps=cfg.sample_steps, **kwargs)
     return diffusion.sample(model, shape, **kwargs)
@@ -1972,6 +2074,8 @@ class ImageConfig(TrainConfig):
     channels: int = 3               # image channels: 3 (RGB) or 1 (greyscale); --data images are converted to it
     hflip: bool = True              # flip training images left-right at random (augmentation)
     guidance: float = 2.0           # classifier-free guidance weight w for samples (1: plain conditional model)
+    sampler: str = "auto"           # auto (ddpm on a GPU, else ddim), ddpm (T network calls) or ddim (--sample-steps)
+    sample_steps: int = 0           # DDIM steps (0: a tenth of the steps between pictures, 10 to 100)
     label: str = "all"              # class to draw: all, a class name or a class index
     dump_samples: int = 0           # write this many class-balanced single PNGs (for FID tools) into --dump-dir
     dump_dir: str = ""              # an empty or new folder for --dump-samples (default: <out-dir>/dump)
@@ -1980,8 +2084,9 @@ class ImageConfig(TrainConfig):
     RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"data_dir", "data", "label", "dump_samples", "dump_dir",
                                                               "bench"}
     PER_CALL: ClassVar[frozenset] = TrainConfig.PER_CALL | {"dump_samples", "dump_dir", "bench"}
-    CHOICES: ClassVar[dict] = {**TrainConfig.CHOICES, "model": tuple(UNET_PRESETS), "channels": (1, 3)}
-    AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0}
+    CHOICES: ClassVar[dict] = {**TrainConfig.CHOICES, "model": tuple(UNET_PRESETS), "channels": (1, 3),
+                               "sampler": ("auto", "ddpm", "ddim")}
+    AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0, "sample_steps": 0}
     METAVARS: ClassVar[dict] = {**TrainConfig.METAVARS, "data_dir": "DIR", "data": "FOLDER", "dump_dir": "DIR",
                                 "label": "CLASS"}
 
@@ -2080,17 +2185,17 @@ def labels_to_draw(label: str, class_names) -> list[int]:
                     f"{', '.join(class_names)}")
 
 
-def generate_images(diffusion, model, cfg, y, shape, generator, return_trajectory=False):
+def generate_images(diffusion, model, cfg, y, shape, generator, return_trajectory=False, progress=None):
     """Images for the labels y, drawn cfg.batch_size at a time with the configured sampler and guidance.
 
-    Args: y (N,) labels, shape (C, H, W), generator the noise source.
+    Args: y (N,) labels, shape (C, H, W), generator the noise source, progress a Progress counting sampling steps.
     Returns: (N, C, H, W) on the CPU in [−1, 1]; with return_trajectory also (steps + 1, N, C, H, W).
     """
     device = diffusion.betas.device
     # In chunks of the training batch size: it is known to fit in memory (guidance doubles each chunk inside the
     # sampler, and sampling keeps no activations for a backward pass, so it fits).
     results = [draw(diffusion, model, cfg, (len(chunk), *shape), y=chunk.to(device), generator=generator,
-                    clip_x0=True, return_trajectory=return_trajectory)
+                    clip_x0=True, return_trajectory=return_trajectory, progress=progress)
                for chunk in y.split(cfg.batch_size)]
     if return_trajectory:
         return torch.cat([r[0] for r in results]).cpu(), torch.cat([r[1] for r in results], dim=1)
@@ -2136,16 +2241,25 @@ def output_path(cfg: TrainConfig, name: str) -> Path:
     return path.with_name(path.stem + "_" + re.sub(r"[^\w.+-]+", "-", tag) + path.suffix)
 
 
-def save_class_grid(diffusion, model, cfg, class_names, labels, path: Path, title: str = "") -> None:
+def sampling_progress(cfg, images: int, path: Path, prefix: str = "") -> Progress:
+    """The line that announces a picture: which file, how many images, which sampler, how many steps, guidance."""
+    steps, chunks = sampling_steps(cfg), math.ceil(images / max(cfg.batch_size, 1))
+    return Progress(f"{prefix}drawing {path} ({images:,} images, {cfg.sampler} {steps} steps, guidance "
+                    f"{cfg.guidance:g})", steps * chunks, " steps" if chunks == 1 else f" steps of {chunks} batches")
+
+
+def save_class_grid(diffusion, model, cfg, class_names, labels, path: Path, title: str = "", prefix: str = "") -> None:
     """About cfg.num_samples images of the requested classes, from fixed noise (seeded by cfg.seed) so that grids
     saved during training compare like for like. Several classes: rows of at most 10 per class, each class's first
-    row labelled; one class: a square grid."""
+    row labelled; one class: a square grid. prefix begins the progress line."""
+    cfg = resolve_sampler(cfg, diffusion.betas.device)
     per_class = max(1, cfg.num_samples // len(labels))
     ncol = min(per_class, 10) if len(labels) > 1 else math.ceil(math.sqrt(per_class))
     per_class = per_class // ncol * ncol if len(labels) > 1 else per_class  # whole rows: classes never share one
     y = torch.tensor(labels).repeat_interleave(per_class)
     generator = torch.Generator().manual_seed(cfg.seed)
-    images = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator)
+    with sampling_progress(cfg, len(y), path, prefix) as progress:
+        images = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator, progress=progress)
     rows = per_class // ncol if len(labels) > 1 else 0
     names = [class_names[i] if r == 0 else "" for i in labels for r in range(rows)]
     title = f"{class_names[labels[0]]}: {title}" if len(labels) == 1 else title
@@ -2161,10 +2275,12 @@ def model_input_shape(model, cfg) -> tuple:
 def save_reverse_picture(diffusion, model, cfg, class_names, labels, path: Path, frames: int = 10) -> None:
     """Saves the reverse process for one image per requested class (up to ten rows), `frames` evenly spaced
     moments from x_T (left) to x_0 (right): noise becomes a blurry guess, then detail."""
+    cfg = resolve_sampler(cfg, diffusion.betas.device)
     y = torch.tensor(labels[:10])
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    _, trajectory = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator,
-                                    return_trajectory=True)              # (steps + 1, N, C, H, W)
+    with sampling_progress(cfg, len(y), path) as progress:
+        _, trajectory = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator,
+                                        return_trajectory=True, progress=progress)  # (steps + 1, N, C, H, W)
     picks = torch.linspace(0, len(trajectory) - 1, frames).round().long()
     images = trajectory[picks].transpose(0, 1).reshape(-1, *trajectory.shape[2:])  # row i: image i over time
     save_image_grid(images, frames, path, [class_names[i] for i in y.tolist()], "reverse process: x_T → x_0")
@@ -2184,6 +2300,7 @@ def dump_samples(diffusion, model, cfg, class_names, labels, folder: Path) -> No
     i is the same image however many processes share the work (under torchrun, chunk k goes to process k mod W).
     """
     from torchvision.utils import save_image
+    cfg = resolve_sampler(cfg, diffusion.betas.device)
     check_dump_dir(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rank, world = process_rank()
@@ -2193,14 +2310,16 @@ def dump_samples(diffusion, model, cfg, class_names, labels, folder: Path) -> No
     shape, size = model_input_shape(model, cfg), max(cfg.batch_size, 1)
     # One batch at a time, written as it comes: 50,000 samples never sit in memory together, and an interrupted
     # dump keeps the files written so far.
-    for k, chunk in enumerate(y.split(size)):
-        if k % world != rank:
-            continue
-        generator = torch.Generator().manual_seed(cfg.seed + 2 + k * 2**32)
-        images = generate_images(diffusion, model, cfg, chunk, shape, generator)
-        for i, (image, label) in enumerate(zip(images, chunk.tolist()), start=k * size):
-            name = re.sub(r"[^\w.-]+", "_", class_names[label])
-            save_image((image + 1) / 2, folder / f"{i:06d}_{name}.png")
+    mine = [(k, chunk) for k, chunk in enumerate(y.split(size)) if k % world == rank]
+    what = (f"writing {len(y):,} samples into {folder} ({cfg.sampler} {sampling_steps(cfg)} steps, guidance "
+            f"{cfg.guidance:g}" + (f", {world} processes" if world > 1 else "") + "), sampling steps")
+    with Progress(what, len(mine) * sampling_steps(cfg)) as progress:
+        for k, chunk in mine:
+            generator = torch.Generator().manual_seed(cfg.seed + 2 + k * 2**32)
+            images = generate_images(diffusion, model, cfg, chunk, shape, generator, progress=progress)
+            for i, (image, label) in enumerate(zip(images, chunk.tolist()), start=k * size):
+                name = re.sub(r"[^\w.-]+", "_", class_names[label])
+                save_image((image + 1) / 2, folder / f"{i:06d}_{name}.png")
     if world > 1:
         dist.barrier()  # every process has written its share
     print(f"wrote {len(y):,} samples to {folder}")
@@ -2256,16 +2375,17 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
 
         def snapshot(ema_model, step):
             save_class_grid(diffusion, ema_model, cfg, class_names, list(range(len(class_names))),
-                            out_dir / "samples" / f"step_{step:06d}.png", f"step {step:,}, guidance {cfg.guidance}")
+                            out_dir / "samples" / f"step_{step:06d}.png", f"step {step:,}, guidance {cfg.guidance}",
+                            prefix=f"step {step}: ")
 
         model = train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
-    if process_rank()[0] == 0:  # under torchrun, process 0 alone draws the pictures; all share --dump-samples
+    cfg = resolve_sampler(cfg, diffusion.betas.device)  # the names of the files say what was drawn
+    # --sample-only --dump-samples asks for the files alone: no grid first (minutes on a CPU for a 100-image one).
+    if process_rank()[0] == 0 and not (cfg.sample_only and cfg.dump_samples):  # process 0 alone draws pictures
         if not cfg.sample_only:
             plot_loss(out_dir)
-        tic = time.perf_counter()
         grid, reverse = output_path(cfg, "samples.png"), output_path(cfg, "reverse.png")
         save_class_grid(diffusion, model, cfg, class_names, labels, grid, f"{cfg.sampler}, guidance {cfg.guidance:g}")
         save_reverse_picture(diffusion, model, cfg, class_names, labels, reverse)
-        print(f"wrote {grid} and {reverse} ({time.perf_counter() - tic:.0f} s)")
     if cfg.dump_samples:
         dump_samples(diffusion, model, cfg, class_names, labels, dump_dir)

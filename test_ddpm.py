@@ -1118,10 +1118,10 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script, monkeyp
     args = ["--out-dir", str(out), "--sample-only", "--label", "all", "--dump-samples", "7", "--dump-dir", str(dump)]
     assert ddpm.cli(config, script.main, args) == 0
     assert set(timesteps_used) == {20}  # the checkpoint's T, not the script's default 1000
-    # Sampling never replaces what the run wrote: new pictures beside them, named after what was drawn.
+    # Sampling never replaces what the run wrote; asked for single files, it draws no grid first.
     assert all(p.read_bytes() == data for p, data in before.items())
     new = {p.name for p in out.iterdir()} - {p.name for p in out.iterdir() if p in before or p.is_dir()}
-    assert new == {"samples_ddim4_w2_n6_seed0.png", "reverse_ddim4_w2_n6_seed0.png"}
+    assert new == set() and "drawing" not in capsys.readouterr().out
     names = sorted(p.name for p in dump.iterdir())
     assert len(names) == 7 and sum(n.endswith("_circle.png") for n in names) == 3
     assert sum(n.endswith("_square.png") for n in names) == 2 and sum(n.endswith("_stripe.png") for n in names) == 2
@@ -1140,6 +1140,7 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script, monkeyp
     # One class: a square grid with a readable title, not 100 images in one 7,600-pixel row.
     args = ["--out-dir", str(out), "--sample-only", "--label", "1", "--num-samples", "100", "--seed", "3"]
     assert ddpm.cli(config, script.main, args) == 0
+    assert {p.name for p in out.iterdir()} >= {"samples_ddim4_w2_n100_1_seed3.png", "reverse_ddim4_w2_n100_1_seed3.png"}
     width, height = Image.open(out / "samples_ddim4_w2_n100_1_seed3.png").size
     assert 300 <= width <= 1500 and 0.7 <= width / height <= 1.4, (width, height)
 
@@ -1853,3 +1854,61 @@ def test_absurd_values_and_abbreviated_flags_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def start_and_wait_for_text(args, text):
+    """Starts a script and returns (process, output so far) once its output holds `text` (progress lines end in
+    a carriage return, not a newline, so the output is read as it comes, not line by line)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    seen = b""
+    while text.encode() not in seen:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            raise AssertionError(f"the run ended before printing {text!r}: {seen.decode()}")
+        seen += chunk
+    return proc, seen.decode()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_while_a_grid_is_drawn_stops_within_a_sampling_step_and_saves(tmp_path, signals):
+    """SIGINT to a real process while it draws a class grid (ancestral sampling, T = 1000, tens of seconds here)
+    abandons the picture within about one sampling step, writes the checkpoint of the step reached and exits 130
+    within seconds; a second SIGINT right after the first does not discard those steps either (it is told to wait
+    for the save)."""
+    folder = make_image_folder(tmp_path / "images")
+    args = [sys.executable, str(HERE / "train_mnist.py"), "--data", str(folder), "--out-dir", str(tmp_path / "run"),
+            "--model", "tiny", "--image-size", "16", "--batch-size", "4", "--num-timesteps", "1000",
+            "--sampler", "ddpm", "--num-samples", "60", "--steps", "100", "--sample-every", "2", "--ckpt-every",
+            "1000", "--log-every", "1", "--device", "cpu"]
+    proc, _ = start_and_wait_for_text(args, "step 2: drawing")
+    tic = time.perf_counter()
+    for _ in range(signals):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    assert time.perf_counter() - tic < 10, output  # drawing the whole grid takes several times longer
+    assert "picture abandoned" in output and "stopped by SIGINT at step 2/100" in output, output
+    assert ddpm.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
+    assert not (tmp_path / "run" / "samples" / "step_000002.png").exists()
+
+
+def test_a_signal_before_the_first_step_stops_at_once(tmp_path, monkeypatch, capsys):
+    """SIGINT while a run is still being set up (the model built, threads measured: on a CPU a big U-Net's step
+    takes many seconds) stops at once, with exit status 130 and a line saying nothing was trained or lost, instead
+    of waiting for the setup to end and training a step first."""
+    real_init = ddpm.Trainer.__init__
+
+    def slow_setup(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the rest of a long setup
+
+    monkeypatch.setattr(ddpm.Trainer, "__init__", slow_setup)
+    tic = time.perf_counter()
+    status = ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 100)[2:])
+    assert status == 130 and time.perf_counter() - tic < 4
+    assert "before the first training step: nothing was trained" in capsys.readouterr().err
+    assert not ddpm.find_checkpoints(tmp_path)
+    assert_lock_released(tmp_path)
