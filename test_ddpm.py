@@ -909,11 +909,13 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path,
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_second_signal_during_the_save_aborts_at_once(tmp_path, monkeypatch, capfd, sig):
-    """A second SIGINT (or SIGTERM) that arrives while the first one's checkpoint is being written aborts at once:
-    exit status 128 + signal, "aborted", no traceback, the half-written file removed and the checkpoint before it
-    intact. (In-process, so that the second signal lands inside the save every time; capfd, since the handler
-    writes to file descriptor 2 directly.)"""
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_more_signals_during_the_save_keep_the_steps_and_a_third_aborts(tmp_path, monkeypatch, capfd, sig, repeats):
+    """Signals that arrive while the first one's checkpoint is being written: a second one is told to wait and the
+    checkpoint of the step reached is written (no step a checkpoint could keep is discarded); a third one aborts at
+    once: exit status 128 + signal, "aborted", no traceback, the half-written file removed and the checkpoint before
+    it intact. (In-process, so that the signals land inside the save every time; capfd, since the handler writes to
+    file descriptor 2 directly.)"""
     sent, real_append, real_save = [], ddpm.MetricsLog.append, torch.save
 
     def append_then_signal(self, step, *values):
@@ -923,16 +925,19 @@ def test_a_second_signal_during_the_save_aborts_at_once(tmp_path, monkeypatch, c
             os.kill(os.getpid(), sig)
 
     def signal_inside_save(obj, f):
-        if sent:  # the second one, while that checkpoint is being written
-            os.kill(os.getpid(), sig)
+        if sent:  # the others, while that checkpoint is being written
+            for _ in range(repeats):
+                os.kill(os.getpid(), sig)
         real_save(obj, f)
 
     monkeypatch.setattr(ddpm.MetricsLog, "append", append_then_signal)
     monkeypatch.setattr(torch, "save", signal_inside_save)
     status = ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 100)[2:])
     err = capfd.readouterr().err
-    assert status == 128 + sig and "finishing this step" in err and "aborted" in err and "Traceback" not in err
-    assert [ddpm.load_checkpoint(p)["step"] for p in ddpm.find_checkpoints(tmp_path)] == [20]
+    assert status == 128 + sig and "finishing this step" in err and "Traceback" not in err
+    assert "still saving the 10 step(s) since the last checkpoint" in err
+    kept = [ddpm.load_checkpoint(p)["step"] for p in ddpm.find_checkpoints(tmp_path)]
+    assert kept == ([30, 20] if repeats == 1 else [20]) and ("aborted" in err) == (repeats == 2), err
     assert not list(tmp_path.glob(".*tmp*"))
     assert_lock_released(tmp_path)
 
