@@ -2334,6 +2334,28 @@ def build_image_model(cfg: ImageConfig, channels: int, num_classes: int) -> UNet
     return model
 
 
+def warn_if_gpu_sized(model: nn.Module, diffusion: Diffusion, data: Data, cfg: ImageConfig) -> None:
+    """Before a CPU run of a U-Net sized for a GPU (over 10M parameters: base, large), times one training step of
+    4 images on a copy and says what the whole run means here: img/s and the days it would take."""
+    params = sum(p.numel() for p in model.parameters())
+    kind = cfg.device.split(":")[0]
+    if kind == "auto":  # as choose_device will decide
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if params < 10_000_000 or kind != "cpu" or process_rank()[0] > 0:
+        return
+    n = min(4, len(data.x))
+    print(f"timing one training step of {n} images of U-Net {cfg.model!r} on this CPU ...", flush=True)
+    with torch.random.fork_rng(devices=[]):  # the run's random streams stay where they were
+        x0, y = data.batch(torch.arange(n), torch.zeros(n, dtype=torch.bool))
+        tic = time.perf_counter()
+        train_step(copy.deepcopy(model).train(), diffusion, x0, y)
+        img_per_s = n / (time.perf_counter() - tic)
+    days = cfg.steps * cfg.batch_size / img_per_s / 86400
+    print(f"warning: U-Net {cfg.model!r} ({params / 1e6:.1f}M parameters) is sized for a GPU: on this CPU expect "
+          f"about {img_per_s:.1f} img/s, {days:,.1f} days for {cfg.steps:,} steps of batch {cfg.batch_size}; "
+          f"on a CPU try --model mnist (1.1M parameters) or fewer --steps", file=sys.stderr)
+
+
 def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None = None) -> None:
     """main() of train_mnist.py and train_cifar.py. load_builtin(cfg) -> Data loads the torchvision data set; ckpt
     is the run's checkpoint when cli has read it.
@@ -2372,6 +2394,8 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
         torch.manual_seed(cfg.seed)
         model = build_image_model(cfg, data.x.shape[1], len(class_names))
         print(f"model: U-Net {cfg.model!r}, {sum(p.numel() for p in model.parameters()):,} parameters")
+        if not cfg.resume:  # a resumed run has been told already
+            warn_if_gpu_sized(model, diffusion, data, cfg)
 
         def snapshot(ema_model, step):
             save_class_grid(diffusion, ema_model, cfg, class_names, list(range(len(class_names))),

@@ -1917,3 +1917,43 @@ def test_a_signal_before_the_first_step_stops_at_once(tmp_path, monkeypatch, cap
     assert "before the first training step: nothing was trained" in capsys.readouterr().err
     assert not ddpm.find_checkpoints(tmp_path)
     assert_lock_released(tmp_path)
+
+
+def test_auto_sampler_is_sized_to_the_run_on_a_cpu_and_explicit_flags_win():
+    """--sampler auto (the image scripts' default) samples a short CPU run with DDIM at a tenth of the steps between
+    pictures, 10 to 100 (so drawing stays a small part of the run), and a GPU run with the ancestral sampler; an
+    explicit --sampler or --sample-steps is kept as given; draw() takes exactly the resolved number of steps."""
+    def resolved(device, **given):
+        cfg = ddpm.resolve_sampler(train_cifar.CifarConfig(**given), device)
+        return cfg.sampler, ddpm.sampling_steps(cfg)
+
+    assert resolved("cpu", steps=300, sample_every=50) == ("ddim", 10)
+    assert resolved("cpu", steps=300, sample_every=0) == ("ddim", 30)
+    assert resolved("cpu") == ("ddim", 100)                      # 200,000 steps, a grid every 10,000
+    assert resolved("cuda") == ("ddpm", 1000)
+    assert resolved("cpu", sampler="ddpm") == ("ddpm", 1000)
+    assert resolved("cuda", sample_steps=30) == ("ddim", 30)
+    assert resolved("cpu", sampler="ddim", sample_steps=7) == ("ddim", 7)
+    calls = []
+    model = lambda x_t, t, y=None: (calls.append(1), torch.zeros_like(x_t))[1]  # noqa: E731
+    cfg = train_cifar.CifarConfig(steps=300, sample_every=0, guidance=1.0)
+    ddpm.draw(ddpm.Diffusion(1000), model, cfg, (2, 2))
+    assert len(calls) == 30
+
+
+def test_a_cpu_run_of_a_gpu_sized_unet_says_so_first(tmp_path, monkeypatch, capsys):
+    """A CPU run of a U-Net over 10M parameters (DDPM's 35.7M `base`) says before training that it is sized for a
+    GPU, with the img/s one timed step shows and the days the run would take; the timing leaves the run's random
+    streams alone; a CPU-sized preset gets no such line."""
+    data = ddpm.Data(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
+                     ("a", "b"))  # one image: the timed step is then one image's (fast), and the rule the same
+    for preset, warned in (("base", True), ("tiny", False)):
+        cfg = train_cifar.CifarConfig(model=preset, device="cpu")
+        model = ddpm.build_unet(preset, 3, 32, 2)
+        state = torch.get_rng_state()
+        ddpm.warn_if_gpu_sized(model, ddpm.Diffusion(1000), data, cfg)
+        assert torch.equal(torch.get_rng_state(), state)
+        err = capsys.readouterr().err
+        assert ("is sized for a GPU: on this CPU expect about" in err) == warned, err
+        if warned:
+            assert re.search(r"[\d.]+ img/s, [\d,.]+ days for 200,000 steps of batch 128", err), err
