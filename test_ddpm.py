@@ -1957,3 +1957,17 @@ def test_a_cpu_run_of_a_gpu_sized_unet_says_so_first(tmp_path, monkeypatch, caps
         assert ("is sized for a GPU: on this CPU expect about" in err) == warned, err
         if warned:
             assert re.search(r"[\d.]+ img/s, [\d,.]+ days for 200,000 steps of batch 128", err), err
+
+
+def test_moons_help_suggests_no_ddim_on_the_cosine_default_and_ddim_there_warns(tmp_path, capsys):
+    """train_moons.py --help suggests DDIM only with --schedule linear (on the default cosine, T = 100 model DDIM
+    gives an energy distance 25× the floor), and DDIM asked for on a cosine-schedule run prints a warning that
+    says why and what to use instead."""
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--help"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        assert "--sampler ddim" not in line or "--schedule linear" in line, line
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 20)[2:]) == 0
+    capsys.readouterr()
+    args = ["--out-dir", str(tmp_path), "--sample-only", "--sampler", "ddim", "--sample-steps", "10"]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
+    assert "warning: DDIM on this model's cosine schedule" in capsys.readouterr().err
