@@ -1971,3 +1971,30 @@ def test_moons_help_suggests_no_ddim_on_the_cosine_default_and_ddim_there_warns(
     args = ["--out-dir", str(tmp_path), "--sample-only", "--sampler", "ddim", "--sample-steps", "10"]
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
     assert "warning: DDIM on this model's cosine schedule" in capsys.readouterr().err
+
+
+def test_make_figures_ignores_the_readers_runs_unless_asked(tmp_path, monkeypatch, capsys):
+    """docs/make_figures.py draws the figures the docs describe whatever lies in runs/: with a moons checkpoint of
+    the right kind in runs/moons and one in runs/mnist, it trains its own moons model (here a stub of fit) and keeps
+    the committed MNIST figure; only --from-runs (from_runs=True) uses the checkpoint."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_figures", HERE / "docs" / "make_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    cfg = dict(num_timesteps=100, schedule="cosine", hidden=32, depth=1, num_points=256, batch_size=32,
+               ckpt_every=20, log_every=10, sample_every=0, num_samples=200, device="cpu")
+    run = ["--out-dir", str(tmp_path / "runs" / "moons"), "--steps", "20"]
+    run += [x for k, v in cfg.items() for x in (ddpm.flag(k), str(v))]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, run) == 0
+    (tmp_path / "runs" / "mnist").mkdir()
+    (tmp_path / "runs" / "mnist" / "ckpt.pt").write_bytes(b"not read")
+    monkeypatch.setattr(figures, "ROOT", tmp_path)
+    fitted = []
+    monkeypatch.setattr(ddpm, "fit", lambda model, *a, **k: fitted.append(1) or model.eval())
+    capsys.readouterr()
+    figures.moons_model(class_cond=False, from_runs=False)
+    figures.figure_mnist(from_runs=False)
+    printed = capsys.readouterr().out
+    assert fitted == [1] and "trained here" in printed and "kept the committed MNIST figure" in printed
+    _, model, _, _ = figures.moons_model(class_cond=False, from_runs=True)
+    assert fitted == [1] and "the EMA weights of runs/moons/ckpt.pt" in capsys.readouterr().out
