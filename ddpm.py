@@ -2054,8 +2054,16 @@ def plot_loss(out_dir) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows])
     ax.set(xlabel="step", ylabel="loss (MSE of ε)", yscale="log", title="training loss")
-    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.3, not 3×10⁻¹
-        axis(matplotlib.ticker.FormatStrFormatter("%g"))
+    # Plain decimals (0.3, not 3×10⁻¹). Over more than a factor of 3, of the minor ticks only 2, 3 and 5 times a
+    # power of ten: labelled all, 0.09 and 0.1 would overlap, as the ticks crowd towards each decade.
+    losses = [float(r[1]) for r in rows if math.isfinite(float(r[1])) and float(r[1]) > 0]
+    wide = bool(losses) and max(losses) > 3 * min(losses)
+
+    def label(value, _):
+        mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+        return f"{value:g}" if mantissa in (1, 2, 3, 5) or not wide else ""
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(matplotlib.ticker.FuncFormatter(label))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(Path(out_dir) / "loss.png", dpi=120)

@@ -1998,3 +1998,27 @@ def test_make_figures_ignores_the_readers_runs_unless_asked(tmp_path, monkeypatc
     assert fitted == [1] and "trained here" in printed and "kept the committed MNIST figure" in printed
     _, model, _, _ = figures.moons_model(class_cond=False, from_runs=True)
     assert fitted == [1] and "the EMA weights of runs/moons/ckpt.pt" in capsys.readouterr().out
+
+
+def test_loss_plot_tick_labels_never_overlap(tmp_path, monkeypatch):
+    """loss.png's log-scale loss axis has readable labels: for a loss falling as MNIST's does (0.6 to 0.025), every
+    tick label drawn is separate from the others (the boxes of 0.09 and 0.1 overlapped), labels are plain decimals,
+    and there are at least three, so the scale can still be read."""
+    import matplotlib.pyplot as plt
+    steps = np.arange(100, 2600, 100)
+    loss = 0.025 + 0.6 * np.exp(-steps / 150)
+    rows = "".join(f"{s},{v:.6g},0.001,100.0,0\n" for s, v in zip(steps, loss))
+    (tmp_path / "metrics.csv").write_text("step,loss,lr,img_per_s,skipped_steps\n" + rows)
+    kept = []
+    monkeypatch.setattr(plt, "close", lambda fig: kept.append(fig))  # look at the figure before it is closed
+    ddpm.plot_loss(tmp_path)
+    fig = kept[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.yaxis.get_majorticklabels() + ax.yaxis.get_minorticklabels()
+              if t.get_text() and ax.get_ylim()[0] <= t.get_position()[1] <= ax.get_ylim()[1]]
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.y0)
+    assert len(boxes) >= 3 and all(re.fullmatch(r"[\d.]+", t.get_text()) for t in labels)
+    assert all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+    plt.close(fig)
