@@ -756,9 +756,12 @@ def flag(name: str) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """The first line of an exception's message (library messages can run to paragraphs)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """The first line of an exception's message (library messages can run to paragraphs); a first line that only
+    announces the reason ("Error downloading x.gz:") gets the last line, where the reason is, after it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 @dataclass
@@ -1253,6 +1256,9 @@ class Checkpoint(NamedTuple):
     mtime_ns: int
 
 
+_WARNED: set = set()  # (file, mtime) of the unusable checkpoints already warned about
+
+
 def newest_checkpoint(out_dir) -> Checkpoint:
     """The newest usable checkpoint in out_dir: the one rule that --resume, --sample-only and the settings they take
     from the run all follow. An unusable newer file is skipped with a warning that says so."""
@@ -1265,8 +1271,12 @@ def newest_checkpoint(out_dir) -> Checkpoint:
             return Checkpoint(load_checkpoint(path), path, mtime_ns)
         except CheckpointError as e:
             if i + 1 == len(candidates):
-                raise
-            print(f"warning: {e}; falling back to the older {candidates[i + 1]}", file=sys.stderr)
+                more = f" (and the {i} newer one(s) are unusable too)" if i else ""
+                raise CheckpointError(f"{e}{more}; no usable checkpoint is left in {out_dir}: restore one from a "
+                                      f"copy, or train afresh with --overwrite") from None
+            if (path, mtime_ns) not in _WARNED:  # --resume reads the folder twice: say it once
+                _WARNED.add((path, mtime_ns))
+                print(f"warning: {e}; falling back to the older {candidates[i + 1]}", file=sys.stderr)
 
 
 def set_aside_unusable(out_dir, used: Path) -> None:
@@ -1293,8 +1303,12 @@ def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
     saved, now = state["config"], asdict(cfg)
     diffs = [f"{flag(k)} (checkpoint {saved.get(k)!r}, now {v!r})"
              for k, v in now.items() if k not in cfg.RESUMABLE and saved.get(k) != v]
-    diffs += [f"data {k} (checkpoint {state['data_info'].get(k)!r}, now {v!r})"
-              for k, v in data_info.items() if state["data_info"].get(k) != v]
+    data_diffs = [f"data {k} (checkpoint {state['data_info'].get(k)!r}, now {v!r})"
+                  for k, v in data_info.items() if state["data_info"].get(k) != v]
+    if data_diffs and saved.get("seed") != now["seed"]:  # data drawn from the seed (the moons): name the flag
+        diffs.append(f"--seed (checkpoint {saved.get('seed')!r}, now {now['seed']!r}: this data is drawn from the "
+                     f"seed, so it differs too; for other samples use --seed with --sample-only)")
+    diffs += data_diffs
     if state.get("config_class") != type(cfg).__name__:
         diffs.insert(0, f"script config (checkpoint {state.get('config_class')}, now {type(cfg).__name__})")
     if diffs:
@@ -1322,7 +1336,9 @@ def open_saved_run(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, Checkpoi
         saved, data = ckpt.state["config"], ckpt.state["data_info"]
         classes = f", {len(data['class_names'])} classes" if data["class_names"] else ""
         net = f"U-Net {saved['model']!r}" if "model" in saved else "MLP"
-        about = f"{net} on {'×'.join(map(str, data['shape']))} data{classes}"
+        shape = data["shape"]
+        about = f"{net} on " + (f"{shape[0]}-D points" if len(shape) == 1 else f"{'×'.join(map(str, shape))} images")
+        about += classes
         raise UserError(f"{cfg.out_dir} holds a {ckpt.state['script']} run ({about}), not one of {script_name(cfg)}; "
                         f"use {ckpt.state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
     names = {f.name for f in fields(cfg)} - cfg.PER_CALL
@@ -1399,6 +1415,21 @@ class OutDirLock:
     def __exit__(self, *exc):
         if self.file is not None:
             self.file.close()  # releases the lock; the file stays for the next run to lock
+
+    @classmethod
+    def holder(cls, out_dir) -> str | None:
+        """Who holds out_dir's lock ("pid … on …"), or None if no other process does. POSIX only (else None)."""
+        path = Path(out_dir) / "train.lock"
+        if os.name == "nt" or not path.exists():
+            return None
+        import fcntl
+        with open(path) as file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+            except OSError as e:
+                text = " ".join(file.read().split()) or "starting up"
+                return text if e.errno in cls.HELD and text != f"pid {os.getpid()} on {socket.gethostname()}" else None
+        return None
 
 
 class AbortedBySignal(KeyboardInterrupt):
@@ -1693,6 +1724,18 @@ def check_out_dir(cfg: TrainConfig) -> None:
     if cfg.resume and not found:
         raise UserError(f"--resume: no checkpoint in {cfg.out_dir}; start without --resume (resume=False)")
     if found and not cfg.resume and not cfg.overwrite:
+        holder = OutDirLock.holder(cfg.out_dir)  # a run going on there is the first thing to know
+        if holder:
+            raise UserError(f"{cfg.out_dir} is in use by another training run ({holder}); wait for it to finish "
+                            f"or stop it, or use another --out-dir")
+        try:  # mmap: the header alone is read, not the weights
+            header = torch.load(found[0], map_location="cpu", weights_only=True, mmap=True)
+            other = header["config_class"] != type(cfg).__name__ and header["script"]
+        except Exception:  # unreadable: --resume will say why
+            other = None
+        if other:  # --resume would be refused: another script's run
+            raise UserError(f"{cfg.out_dir} holds a {other} run, not one of {script_name(cfg)}; choose another "
+                            f"--out-dir, or --overwrite to replace that run")
         raise UserError(f"{cfg.out_dir} already holds a checkpoint ({found[0]}); add --resume to continue that run "
                         f"or --overwrite to start over (from Python: resume=True or overwrite=True in the config)")
 
@@ -2119,7 +2162,13 @@ def load_image_folder(cfg: ImageConfig) -> Data:
     from torchvision import datasets, transforms
     root = Path(cfg.data)
     if not root.is_dir():
-        raise UserError(f"--data {root}: no such folder; give a folder with one sub-folder of images per class")
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise UserError(f"--data {root}: {what}; give a folder with one sub-folder of images per class")
+    if not any(p.is_dir() for p in root.iterdir()):
+        files = sum(p.is_file() for p in root.iterdir())
+        raise UserError(f"--data {root}: no images found: it has no class sub-folders (it holds {files} file(s) "
+                        f"directly); put the images into one sub-folder per class, such as {root / 'cats'}, even if "
+                        f"there is one class")
     # Every file becomes the same shape: any mode (palette, RGBA, greyscale) converted to the channels asked for;
     # the short side scaled to the target and the middle cut out, so no image is stretched.
     to_tensor = transforms.Compose([
@@ -2158,6 +2207,9 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str):
     there already. Offline, a UserError says which files to put where (offline_files) instead of a traceback, and
     the empty folders the attempt created are removed again."""
     root = Path(cfg.data_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {root} is a file, not a folder; give the folder to download the data set into "
+                        f"(or that already holds it)")
     folders_before = {root, *(p for p in root.rglob("*") if p.is_dir())} if root.exists() else set()
 
     def fetch():

@@ -1259,7 +1259,7 @@ def test_another_scripts_run_is_named_as_such(tmp_path, capsys):
     for extra in (["--resume"], ["--resume", "--guidance", "1"], ["--sample-only"]):
         assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), *extra]) == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "holds a MnistConfig run (U-Net 'tiny' on 1×16×16 data, 3 classes)" in err
+        assert err.count("\n") == 1 and "holds a MnistConfig run (U-Net 'tiny' on 1×16×16 images, 3 classes)" in err
         assert f"use MnistConfig {extra[0]}" in err and "--class-cond" not in err
     assert files_in(out) == before
 
@@ -2022,3 +2022,63 @@ def test_loss_plot_tick_labels_never_overlap(tmp_path, monkeypatch):
     assert len(boxes) >= 3 and all(re.fullmatch(r"[\d.]+", t.get_text()) for t in labels)
     assert all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
     plt.close(fig)
+
+
+def test_messages_say_what_to_do(tmp_path, capsys):
+    """Each of these mistakes gets one line that names the cause and the next step: every checkpoint damaged
+    (restore or --overwrite); the fallback warning once, not twice; --resume --seed N on moons (names --seed, which
+    draws the data); a fresh start in a folder another run is using (says so first); another script's run folder
+    (no --resume advice that would be refused); "2-D points", not "2 data"; image files without class sub-folders;
+    --data or --data-dir that is a file; a download error whose reason is on a later line."""
+    def run(config, main, args):
+        status = ddpm.cli(config, main, args)
+        err = capsys.readouterr().err
+        return status, err
+
+    out = tmp_path / "moons"
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(out, 40)[2:]) == 0  # ckpt 40 and 20
+    corrupt_middle(out / "ckpt.pt")
+    status, err = run(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), "--resume", "--steps", "60"])
+    assert status == 0 and err.count("falling back to the older") == 1, err
+    for path in ddpm.find_checkpoints(out):
+        corrupt_middle(path)
+    status, err = run(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), "--resume"])
+    assert status == 1 and "no usable checkpoint is left" in err and "--overwrite" in err, err
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(out, 20, "--overwrite")[2:]) == 0
+    status, err = run(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), "--resume", "--seed", "3"])
+    assert status == 1 and "--seed (checkpoint 0, now 3: this data is drawn from the seed" in err, err
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('pid 1 on elsewhere'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(out / "train.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        status, err = run(train_moons.MoonsConfig, train_moons.main, moons_args(out, 20)[2:])
+        assert status == 1 and "is in use by another training run (pid 1 on elsewhere)" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+
+    images = make_image_folder(tmp_path / "images")
+    common = ["--model", "tiny", "--image-size", "16", "--batch-size", "4", "--steps", "2", "--device", "cpu"]
+    status, err = run(train_mnist.MnistConfig, train_mnist.main, ["--out-dir", str(out), "--data", str(images),
+                                                                 *common])
+    assert status == 1 and "holds a MoonsConfig run, not one of MnistConfig" in err and "--resume" not in err, err
+    status, err = run(train_mnist.MnistConfig, train_mnist.main, ["--out-dir", str(out), "--resume"])
+    assert status == 1 and "(MLP on 2-D points)" in err, err
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in (images / "circle").iterdir():
+        p.rename(flat / p.name)
+    a_file = tmp_path / "afile.txt"
+    a_file.write_text("x")
+    for args, message in [(["--data", str(flat)], "it has no class sub-folders (it holds 5 file(s) directly)"),
+                          (["--data", str(a_file)], "is a file, not a folder"),
+                          (["--data-dir", str(a_file)], "is a file, not a folder")]:
+        flags = common if "--data" in args else common[:2] + common[4:]  # the built-in data: no --image-size
+        status, err = run(train_mnist.MnistConfig, train_mnist.main, ["--out-dir", str(tmp_path / "new"), *args,
+                                                                     *flags])
+        assert status == 1 and message in err and err.count("\n") == 1, err
+    reason = RuntimeError("Error downloading x.gz:\nTried https://a/, got:\n<urlopen error [Errno -3] no name>\n")
+    assert ddpm.one_line(reason) == "Error downloading x.gz: <urlopen error [Errno -3] no name>"
