@@ -985,7 +985,9 @@ def choose_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")     # TF32 tensor cores for float32 matmuls (cuDNN convolutions
         torch.backends.cudnn.benchmark = True          # use TF32 by default); pick the fastest kernels for our shapes
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    world = process_rank()[1]
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + (f"; {world} processes under torchrun, each with {1 / world:.0%} of every batch" if world > 1 else ""))
     return device
 
 

@@ -1637,13 +1637,15 @@ def run_torchrun(args, nproc=2, *extra):
 
 
 def test_torchrun_trains_resumes_and_a_single_process_samples(tmp_path):
-    """Two processes under torchrun train the moons: process 0 alone prints (one device line, each log line once)
+    """Two processes under torchrun train the moons: process 0 alone prints (one device line, which says how many
+    processes share each batch, and each log line once)
     and writes one checkpoint, of plain weights (no DDP `module.` prefix) with the RNG state of each process, the two
     different; two processes resume it, logging each step once; then a single process samples from it."""
     out = tmp_path / "run"
     first = run_torchrun(moons_args(out, 20))
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("device: cpu") == 1 and first.stdout.count("step 20/20") == 1
+    assert "device: cpu; 2 processes under torchrun, each with 50% of every batch" in first.stdout
     assert ddpm.find_checkpoints(out) == [out / "ckpt.pt"] and not list(out.glob(".*tmp*"))
     state = ddpm.load_checkpoint(out / "ckpt.pt")
     assert state["step"] == 20 and not any(k.startswith("module.") for k in state["model"])
