@@ -756,9 +756,12 @@ def flag(name: str) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """The first line of an exception's message (library messages can run to paragraphs)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """The first line of an exception's message (library messages can run to paragraphs); a first line that only
+    announces the reason ("Error downloading x.gz:") gets the last line, where the reason is, after it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 @dataclass
@@ -836,9 +839,13 @@ class TrainConfig:
         if self.schedule == "linear" and self.num_timesteps < 2:
             raise UserError("--num-timesteps must be at least 2 for the linear schedule (T = 1 leaves x_T noiseless)")
         # The one check of DDIM steps against T. With --resume and --sample-only, T is the checkpoint's by now (cli).
-        if self.sampler == "ddim" and self.sample_steps > self.num_timesteps:
+        if self.sampler in ("ddim", "auto") and self.sample_steps > self.num_timesteps:
             raise UserError(f"--sample-steps {self.sample_steps} exceeds the {self.num_timesteps} timesteps this model "
                             f"was trained with; give at most {self.num_timesteps}")
+        if self.steps > 10**9:  # at thousands of steps a second, a billion is weeks: a typo, not a plan
+            raise UserError(f"--steps {self.steps} is more than a billion; give the number of optimizer steps")
+        if not self.resume:  # a resumed run's count may come from its checkpoint, saved on a bigger machine (cli)
+            check_threads(self.threads)
         if not 0 <= self.seed < 2**32:  # offsets of up to k·2³² are added to it for per-process and per-chunk streams
             raise UserError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.resume and self.overwrite:
@@ -849,6 +856,13 @@ class TrainConfig:
         if self.batch_size % world and not self.sample_only:
             raise UserError(f"--batch-size {self.batch_size} is the global batch, shared by {world} processes: "
                             f"give a multiple of {world}")
+
+
+def check_threads(threads: int) -> None:
+    """Refuses more threads than the machine has cores: they would only wait for each other."""
+    if threads > (os.cpu_count() or 1):
+        raise UserError(f"--threads {threads}: this machine has {os.cpu_count()} cores; give at most that, "
+                        f"or 0 to choose")
 
 
 def config_help(cls) -> dict:
@@ -864,7 +878,11 @@ def config_help(cls) -> dict:
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line gets one line (not the whole usage block) and exit status 2."""
+    """argparse, but a bad command line gets one line (not the whole usage block) and exit status 2, and flags are
+    never abbreviated: argparse would take --step 10 as --steps 10, and a later flag could change what it means."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -967,7 +985,9 @@ def choose_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")     # TF32 tensor cores for float32 matmuls (cuDNN convolutions
         torch.backends.cudnn.benchmark = True          # use TF32 by default); pick the fastest kernels for our shapes
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    world = process_rank()[1]
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + (f"; {world} processes under torchrun, each with {1 / world:.0%} of every batch" if world > 1 else ""))
     return device
 
 
@@ -1238,6 +1258,9 @@ class Checkpoint(NamedTuple):
     mtime_ns: int
 
 
+_WARNED: set = set()  # (file, mtime) of the unusable checkpoints already warned about
+
+
 def newest_checkpoint(out_dir) -> Checkpoint:
     """The newest usable checkpoint in out_dir: the one rule that --resume, --sample-only and the settings they take
     from the run all follow. An unusable newer file is skipped with a warning that says so."""
@@ -1250,8 +1273,12 @@ def newest_checkpoint(out_dir) -> Checkpoint:
             return Checkpoint(load_checkpoint(path), path, mtime_ns)
         except CheckpointError as e:
             if i + 1 == len(candidates):
-                raise
-            print(f"warning: {e}; falling back to the older {candidates[i + 1]}", file=sys.stderr)
+                more = f" (and the {i} newer one(s) are unusable too)" if i else ""
+                raise CheckpointError(f"{e}{more}; no usable checkpoint is left in {out_dir}: restore one from a "
+                                      f"copy, or train afresh with --overwrite") from None
+            if (path, mtime_ns) not in _WARNED:  # --resume reads the folder twice: say it once
+                _WARNED.add((path, mtime_ns))
+                print(f"warning: {e}; falling back to the older {candidates[i + 1]}", file=sys.stderr)
 
 
 def set_aside_unusable(out_dir, used: Path) -> None:
@@ -1278,8 +1305,12 @@ def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
     saved, now = state["config"], asdict(cfg)
     diffs = [f"{flag(k)} (checkpoint {saved.get(k)!r}, now {v!r})"
              for k, v in now.items() if k not in cfg.RESUMABLE and saved.get(k) != v]
-    diffs += [f"data {k} (checkpoint {state['data_info'].get(k)!r}, now {v!r})"
-              for k, v in data_info.items() if state["data_info"].get(k) != v]
+    data_diffs = [f"data {k} (checkpoint {state['data_info'].get(k)!r}, now {v!r})"
+                  for k, v in data_info.items() if state["data_info"].get(k) != v]
+    if data_diffs and saved.get("seed") != now["seed"]:  # data drawn from the seed (the moons): name the flag
+        diffs.append(f"--seed (checkpoint {saved.get('seed')!r}, now {now['seed']!r}: this data is drawn from the "
+                     f"seed, so it differs too; for other samples use --seed with --sample-only)")
+    diffs += data_diffs
     if state.get("config_class") != type(cfg).__name__:
         diffs.insert(0, f"script config (checkpoint {state.get('config_class')}, now {type(cfg).__name__})")
     if diffs:
@@ -1307,7 +1338,9 @@ def open_saved_run(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, Checkpoi
         saved, data = ckpt.state["config"], ckpt.state["data_info"]
         classes = f", {len(data['class_names'])} classes" if data["class_names"] else ""
         net = f"U-Net {saved['model']!r}" if "model" in saved else "MLP"
-        about = f"{net} on {'×'.join(map(str, data['shape']))} data{classes}"
+        shape = data["shape"]
+        about = f"{net} on " + (f"{shape[0]}-D points" if len(shape) == 1 else f"{'×'.join(map(str, shape))} images")
+        about += classes
         raise UserError(f"{cfg.out_dir} holds a {ckpt.state['script']} run ({about}), not one of {script_name(cfg)}; "
                         f"use {ckpt.state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
     names = {f.name for f in fields(cfg)} - cfg.PER_CALL
@@ -1385,41 +1418,79 @@ class OutDirLock:
         if self.file is not None:
             self.file.close()  # releases the lock; the file stays for the next run to lock
 
+    @classmethod
+    def holder(cls, out_dir) -> str | None:
+        """Who holds out_dir's lock ("pid … on …"), or None if no other process does. POSIX only (else None)."""
+        path = Path(out_dir) / "train.lock"
+        if os.name == "nt" or not path.exists():
+            return None
+        import fcntl
+        with open(path) as file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+            except OSError as e:
+                text = " ".join(file.read().split()) or "starting up"
+                return text if e.errno in cls.HELD and text != f"pid {os.getpid()} on {socket.gethostname()}" else None
+        return None
+
 
 class AbortedBySignal(KeyboardInterrupt):
-    """A second SIGINT or SIGTERM: stop at once. A KeyboardInterrupt, so that no `except Exception` swallows it."""
+    """A signal that stops the run at once. A KeyboardInterrupt, so that no `except Exception` swallows it.
+    before_training: it came before the first step (while the run was being set up), so nothing was lost."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, before_training: bool = False):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.before_training = signum, before_training
+
+
+class SamplingStopped(Exception):
+    """Raised inside a sampler's loop (see draw) once a stop was asked for: the picture is abandoned, the run saves."""
 
 
 class StopOnSignal:
-    """The first SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) asks the loop to stop after the current
-    step and save; a second one aborts at once (AbortedBySignal). The files on disk stay consistent either way."""
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption notice) during train().
+
+    Before the first step (building the model, measuring threads, restoring) the first signal stops at once: nothing
+    is trained yet. In the loop it asks to stop after the current step and save; a picture being drawn is abandoned
+    within one sampling step (draw polls `active`). A second signal aborts at once only when no step would be lost;
+    while steps since the last checkpoint are still unsaved it is told to wait, and a third one aborts.
+    """
+    active: ClassVar["StopOnSignal | None"] = None  # the one in force, for the samplers' polling
 
     def __init__(self):
-        self.signum, self._previous = None, {}
+        self.signum, self.repeats, self._previous = None, 0, {}
+        self.training, self.unsaved = False, 0  # set by the loop: stepping yet, and steps since the last checkpoint
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._handle)
+            StopOnSignal.active = self
         return self
 
+    def _say(self, text: str) -> None:
+        if process_rank()[0] == 0:  # under torchrun every process gets the signal; process 0 speaks for all
+            # os.write, not print: the signal may arrive while the main code is inside print, which is not reentrant.
+            os.write(2, f"\n{text}\n".encode())
+
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if not self.training:
+            raise AbortedBySignal(signum, before_training=True)
+        name, self.repeats = signal.Signals(signum).name, self.repeats + (self.signum is not None)
+        if self.repeats == 0:
+            self.signum = signum
+            self._say(f"{name}: finishing this step and saving a checkpoint (a picture being drawn is abandoned)")
+        elif self.unsaved == 0 or self.repeats >= 2:
             raise AbortedBySignal(signum)
-        self.signum = signum
-        if process_rank()[0] > 0:  # under torchrun every process gets the signal; process 0 speaks for all
-            return
-        # os.write, not print: the signal may arrive while the main code is inside print, which is not reentrant.
-        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                    f"(send it again to abort at once)\n".encode())
+        else:
+            self._say(f"{name} again: still saving the {self.unsaved} step(s) since the last checkpoint, in about "
+                      f"one step; send it once more to abort and lose them")
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        if StopOnSignal.active is self:
+            StopOnSignal.active = None
 
 
 class MetricsLog:
@@ -1679,6 +1750,18 @@ def check_out_dir(cfg: TrainConfig) -> None:
     if cfg.resume and not found:
         raise UserError(f"--resume: no checkpoint in {cfg.out_dir}; start without --resume (resume=False)")
     if found and not cfg.resume and not cfg.overwrite:
+        holder = OutDirLock.holder(cfg.out_dir)  # a run going on there is the first thing to know
+        if holder:
+            raise UserError(f"{cfg.out_dir} is in use by another training run ({holder}); wait for it to finish "
+                            f"or stop it, or use another --out-dir")
+        try:  # mmap: the header alone is read, not the weights
+            header = torch.load(found[0], map_location="cpu", weights_only=True, mmap=True)
+            other = header["config_class"] != type(cfg).__name__ and header["script"]
+        except Exception:  # unreadable: --resume will say why
+            other = None
+        if other:  # --resume would be refused: another script's run
+            raise UserError(f"{cfg.out_dir} holds a {other} run, not one of {script_name(cfg)}; choose another "
+                            f"--out-dir, or --overwrite to replace that run")
         raise UserError(f"{cfg.out_dir} already holds a checkpoint ({found[0]}); add --resume to continue that run "
                         f"or --overwrite to start over (from Python: resume=True or overwrite=True in the config)")
 
@@ -1757,10 +1840,11 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
               f"reaches --lr {cfg.lr}; lower --warmup for a short run", file=sys.stderr)
     metrics = MetricsLog(out_dir / "metrics.csv", c.step) if main else None
     tic, window = time.perf_counter(), 0  # the steps since the last log line, and their time (not sampling or saving)
+    stop.training = True  # from here a signal asks to stop after the step, with a checkpoint
     while c.step < cfg.steps:
         lr = trainer.schedule.get_last_lr()[0]  # the rate this step uses
         trainer.step(stop.signum)
-        window += 1
+        window, stop.unsaved = window + 1, stop.unsaved + 1
         if c.bad_streak >= cfg.max_bad_steps:
             saved = find_checkpoints(out_dir)
             kept = f"the last good checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written"
@@ -1779,7 +1863,10 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             tic, window = time.perf_counter(), 0
         # Pictures come from the EMA weights, the ones a user samples from at the end (in eval mode: no dropout).
         if on_snapshot is not None and cfg.sample_every and c.step % cfg.sample_every == 0 and main:
-            on_snapshot(trainer.ema.model, c.step)
+            try:
+                on_snapshot(trainer.ema.model, c.step)
+            except SamplingStopped:  # a signal came while drawing: go straight on to the checkpoint
+                print(f"step {c.step}: picture abandoned for the stop", flush=True)
             tic, window = time.perf_counter(), 0
         # Read once: a signal arriving between two reads must not skip the save. Under torchrun: what all agreed on.
         stopping = stop.signum if trainer.world == 1 else trainer.stop_signal
@@ -1788,7 +1875,7 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             if main:
                 metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
                 save_checkpoint(state, out_dir, cfg.keep_ckpts)
-            tic, window = time.perf_counter(), 0
+            tic, window, stop.unsaved = time.perf_counter(), 0, 0
         if stopping:
             if trainer.world > 1:  # none exits before the checkpoint is written, or torchrun would stop process 0
                 dist.barrier()
@@ -1893,6 +1980,7 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if cfg.resume or cfg.sample_only:
             cfg, ckpt = open_saved_run(cfg, given)
         cfg.check()
+        check_threads(given.get("threads", 0))
         use_threads(cfg, given="threads" in given)
         setup_distributed(cfg.device)  # under torchrun, before any process reads data
         main(cfg, ckpt)
@@ -1917,8 +2005,12 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if process_rank()[0] == 0:  # under torchrun all processes stopped together; process 0 speaks for all
             print(e, file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt as e:  # a second signal during training, or Ctrl-C outside it
-        print(f"aborted; {saved_progress(cfg)}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a signal before the first step, a third one during training, or Ctrl-C outside
+        if getattr(e, "before_training", False):
+            print(f"stopped by {e} before the first training step: nothing was trained, so nothing was lost"
+                  + ("" if not find_checkpoints(cfg.out_dir) else f"; {saved_progress(cfg)}"), file=sys.stderr)
+        else:
+            print(f"aborted; {saved_progress(cfg)}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -1941,12 +2033,83 @@ def saved_progress(cfg: TrainConfig) -> str:
         "training had finished; draw samples with --sample-only)" if done else "resume with --resume)")
 
 
+class Progress:
+    """A wait that says what it does and how far it is, on the line that announces it, updated in place:
+    `step 50: drawing samples/step_000050.png (100 images, ddim 10 steps, guidance 2): 4/10`. As a context
+    manager it ends the line, with the time taken, or with "stopped" when an exception leaves it."""
+
+    def __init__(self, what: str, total: int, unit: str = "", every: float = 1.0):
+        self.what, self.total, self.unit, self.every, self.done = what, total, unit, every, 0
+        self.start = self.shown = time.perf_counter()
+
+    def _show(self, end: str = "") -> None:
+        print(f"\r{self.what}: {self.done:,}/{self.total:,}{self.unit}{end}", end="" if not end else "\n",
+              flush=True)
+
+    def __enter__(self):
+        self._show()
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if time.perf_counter() > self.shown + self.every:  # a few updates a second at most, even into a log file
+            self.shown = time.perf_counter()
+            self._show()
+
+    def __exit__(self, kind, *exc):
+        self._show(f" ({time.perf_counter() - self.start:.0f} s)" if kind is None else " stopped")
+
+
+class _WatchedModel:
+    """The network as a sampler sees it: each call is one sampling step. It counts the step on a Progress line and,
+    once a signal asked train() to stop, raises SamplingStopped at the next step instead of drawing on for minutes.
+    Part I's samplers stay unaware of it; attribute reads (num_classes, conv_in) pass through to the network."""
+
+    def __init__(self, model, progress: Progress | None):
+        self.model, self.progress = model, progress
+
+    def __call__(self, *args, **kwargs):
+        stop = StopOnSignal.active
+        if stop is not None and stop.signum is not None:
+            raise SamplingStopped
+        out = self.model(*args, **kwargs)
+        if self.progress is not None:
+            self.progress.advance()
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+
+def resolve_sampler(cfg: TrainConfig, device) -> TrainConfig:
+    """cfg with --sampler auto and --sample-steps 0 decided for the device: a sampler and a step count that an
+    explicit flag would name. On a GPU, auto is the ancestral sampler (T steps: seconds there). Elsewhere it is
+    DDIM with a tenth of the run's length between pictures, 10 to 100 steps: a picture of B images then costs about
+    what a twentieth of those training steps of batch B do (a sampling step is one forward pass, a training step a
+    forward and a backward one, about three), so drawing stays a small part of a short CPU run."""
+    sampler, steps = cfg.sampler, cfg.sample_steps
+    if sampler == "auto":
+        sampler = "ddim" if steps or torch.device(device).type != "cuda" else "ddpm"
+    if sampler == "ddim" and not steps:
+        between = min(cfg.steps, cfg.sample_every or cfg.steps)
+        steps = min(cfg.num_timesteps, max(10, min(100, between // 10)))
+    return dataclasses.replace(cfg, sampler=sampler, sample_steps=steps or cfg.sample_steps)
+
+
+def sampling_steps(cfg: TrainConfig) -> int:
+    """The network calls one sample takes with cfg's (resolved) sampler."""
+    return cfg.sample_steps if cfg.sampler == "ddim" else cfg.num_timesteps
+
+
 def draw(diffusion: Diffusion, model, cfg: TrainConfig, shape, y=None, generator=None, clip_x0=False,
-         return_trajectory=False):
+         return_trajectory=False, progress: Progress | None = None):
     """Samples with the sampler cfg names: ancestral ("ddpm", T steps) or DDIM ("ddim", cfg.sample_steps, η = 0),
-    with guidance weight cfg.guidance. Arguments and return value as Diffusion.sample."""
+    with guidance weight cfg.guidance. Arguments and return value as Diffusion.sample; progress counts the steps.
+    Raises SamplingStopped within one step of a stop asked for by a signal during train()."""
+    cfg = resolve_sampler(cfg, diffusion.betas.device)
     kwargs = dict(y=y, guidance=cfg.guidance, generator=generator, clip_x0=clip_x0,
                   return_trajectory=return_trajectory)
+    model = _WatchedModel(model, progress)
     if cfg.sampler == "ddim":
         return diffusion.ddim_sample(model, shape, steps=cfg.sample_steps, **kwargs)
     return diffusion.sample(model, shape, **kwargs)
@@ -1961,8 +2124,16 @@ def plot_loss(out_dir) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows])
     ax.set(xlabel="step", ylabel="loss (MSE of ε)", yscale="log", title="training loss")
-    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.3, not 3×10⁻¹
-        axis(matplotlib.ticker.FormatStrFormatter("%g"))
+    # Plain decimals (0.3, not 3×10⁻¹). Over more than a factor of 3, of the minor ticks only 2, 3 and 5 times a
+    # power of ten: labelled all, 0.09 and 0.1 would overlap, as the ticks crowd towards each decade.
+    losses = [float(r[1]) for r in rows if math.isfinite(float(r[1])) and float(r[1]) > 0]
+    wide = bool(losses) and max(losses) > 3 * min(losses)
+
+    def label(value, _):
+        mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+        return f"{value:g}" if mantissa in (1, 2, 3, 5) or not wide else ""
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(matplotlib.ticker.FuncFormatter(label))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(Path(out_dir) / "loss.png", dpi=120)
@@ -1981,6 +2152,8 @@ class ImageConfig(TrainConfig):
     channels: int = 3               # image channels: 3 (RGB) or 1 (greyscale); --data images are converted to it
     hflip: bool = True              # flip training images left-right at random (augmentation)
     guidance: float = 2.0           # classifier-free guidance weight w for samples (1: plain conditional model)
+    sampler: str = "auto"           # auto (ddpm on a GPU, else ddim), ddpm (T network calls) or ddim (--sample-steps)
+    sample_steps: int = 0           # DDIM steps (0: a tenth of the steps between pictures, 10 to 100)
     label: str = "all"              # class to draw: all, a class name or a class index
     dump_samples: int = 0           # write this many class-balanced single PNGs (for FID tools) into --dump-dir
     dump_dir: str = ""              # an empty or new folder for --dump-samples (default: <out-dir>/dump)
@@ -1989,8 +2162,9 @@ class ImageConfig(TrainConfig):
     RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"data_dir", "data", "label", "dump_samples", "dump_dir",
                                                               "bench"}
     PER_CALL: ClassVar[frozenset] = TrainConfig.PER_CALL | {"dump_samples", "dump_dir", "bench"}
-    CHOICES: ClassVar[dict] = {**TrainConfig.CHOICES, "model": tuple(UNET_PRESETS), "channels": (1, 3)}
-    AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0}
+    CHOICES: ClassVar[dict] = {**TrainConfig.CHOICES, "model": tuple(UNET_PRESETS), "channels": (1, 3),
+                               "sampler": ("auto", "ddpm", "ddim")}
+    AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0, "sample_steps": 0}
     METAVARS: ClassVar[dict] = {**TrainConfig.METAVARS, "data_dir": "DIR", "data": "FOLDER", "dump_dir": "DIR",
                                 "label": "CLASS"}
 
@@ -2015,7 +2189,13 @@ def load_image_folder(cfg: ImageConfig) -> Data:
     from torchvision import datasets, transforms
     root = Path(cfg.data)
     if not root.is_dir():
-        raise UserError(f"--data {root}: no such folder; give a folder with one sub-folder of images per class")
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise UserError(f"--data {root}: {what}; give a folder with one sub-folder of images per class")
+    if not any(p.is_dir() for p in root.iterdir()):
+        files = sum(p.is_file() for p in root.iterdir())
+        raise UserError(f"--data {root}: no images found: it has no class sub-folders (it holds {files} file(s) "
+                        f"directly); put the images into one sub-folder per class, such as {root / 'cats'}, even if "
+                        f"there is one class")
     # Every file becomes the same shape: any mode (palette, RGBA, greyscale) converted to the channels asked for;
     # the short side scaled to the target and the middle cut out, so no image is stretched.
     to_tensor = transforms.Compose([
@@ -2054,6 +2234,9 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str):
     there already. Offline, a UserError says which files to put where (offline_files) instead of a traceback, and
     the empty folders the attempt created are removed again."""
     root = Path(cfg.data_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {root} is a file, not a folder; give the folder to download the data set into "
+                        f"(or that already holds it)")
     folders_before = {root, *(p for p in root.rglob("*") if p.is_dir())} if root.exists() else set()
 
     def fetch():
@@ -2089,17 +2272,17 @@ def labels_to_draw(label: str, class_names) -> list[int]:
                     f"{', '.join(class_names)}")
 
 
-def generate_images(diffusion, model, cfg, y, shape, generator, return_trajectory=False):
+def generate_images(diffusion, model, cfg, y, shape, generator, return_trajectory=False, progress=None):
     """Images for the labels y, drawn cfg.batch_size at a time with the configured sampler and guidance.
 
-    Args: y (N,) labels, shape (C, H, W), generator the noise source.
+    Args: y (N,) labels, shape (C, H, W), generator the noise source, progress a Progress counting sampling steps.
     Returns: (N, C, H, W) on the CPU in [−1, 1]; with return_trajectory also (steps + 1, N, C, H, W).
     """
     device = diffusion.betas.device
     # In chunks of the training batch size: it is known to fit in memory (guidance doubles each chunk inside the
     # sampler, and sampling keeps no activations for a backward pass, so it fits).
     results = [draw(diffusion, model, cfg, (len(chunk), *shape), y=chunk.to(device), generator=generator,
-                    clip_x0=True, return_trajectory=return_trajectory)
+                    clip_x0=True, return_trajectory=return_trajectory, progress=progress)
                for chunk in y.split(cfg.batch_size)]
     if return_trajectory:
         return torch.cat([r[0] for r in results]).cpu(), torch.cat([r[1] for r in results], dim=1)
@@ -2138,20 +2321,32 @@ def output_path(cfg: TrainConfig, name: str) -> Path:
         return path
     steps = cfg.sample_steps if cfg.sampler == "ddim" else cfg.num_timesteps
     label = getattr(cfg, "label", "all")
-    tag = f"{cfg.sampler}{steps}_w{cfg.guidance:g}" + ("" if label == "all" else f"_{label}") + f"_seed{cfg.seed}"
-    return path.with_name(path.stem + "_" + re.sub(r"[^\w.-]+", "-", tag) + path.suffix)
+    # Every setting that changes what is drawn is in the name, so that no two --sample-only calls share a file;
+    # "+" is kept: 1e+06 and 1e-06 are different weights.
+    tag = (f"{cfg.sampler}{steps}_w{cfg.guidance:g}_n{cfg.num_samples}" + ("" if label == "all" else f"_{label}")
+           + f"_seed{cfg.seed}")
+    return path.with_name(path.stem + "_" + re.sub(r"[^\w.+-]+", "-", tag) + path.suffix)
 
 
-def save_class_grid(diffusion, model, cfg, class_names, labels, path: Path, title: str = "") -> None:
+def sampling_progress(cfg, images: int, path: Path, prefix: str = "") -> Progress:
+    """The line that announces a picture: which file, how many images, which sampler, how many steps, guidance."""
+    steps, chunks = sampling_steps(cfg), math.ceil(images / max(cfg.batch_size, 1))
+    return Progress(f"{prefix}drawing {path} ({images:,} images, {cfg.sampler} {steps} steps, guidance "
+                    f"{cfg.guidance:g})", steps * chunks, " steps" if chunks == 1 else f" steps of {chunks} batches")
+
+
+def save_class_grid(diffusion, model, cfg, class_names, labels, path: Path, title: str = "", prefix: str = "") -> None:
     """About cfg.num_samples images of the requested classes, from fixed noise (seeded by cfg.seed) so that grids
     saved during training compare like for like. Several classes: rows of at most 10 per class, each class's first
-    row labelled; one class: a square grid."""
+    row labelled; one class: a square grid. prefix begins the progress line."""
+    cfg = resolve_sampler(cfg, diffusion.betas.device)
     per_class = max(1, cfg.num_samples // len(labels))
     ncol = min(per_class, 10) if len(labels) > 1 else math.ceil(math.sqrt(per_class))
     per_class = per_class // ncol * ncol if len(labels) > 1 else per_class  # whole rows: classes never share one
     y = torch.tensor(labels).repeat_interleave(per_class)
     generator = torch.Generator().manual_seed(cfg.seed)
-    images = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator)
+    with sampling_progress(cfg, len(y), path, prefix) as progress:
+        images = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator, progress=progress)
     rows = per_class // ncol if len(labels) > 1 else 0
     names = [class_names[i] if r == 0 else "" for i in labels for r in range(rows)]
     title = f"{class_names[labels[0]]}: {title}" if len(labels) == 1 else title
@@ -2167,10 +2362,12 @@ def model_input_shape(model, cfg) -> tuple:
 def save_reverse_picture(diffusion, model, cfg, class_names, labels, path: Path, frames: int = 10) -> None:
     """Saves the reverse process for one image per requested class (up to ten rows), `frames` evenly spaced
     moments from x_T (left) to x_0 (right): noise becomes a blurry guess, then detail."""
+    cfg = resolve_sampler(cfg, diffusion.betas.device)
     y = torch.tensor(labels[:10])
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    _, trajectory = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator,
-                                    return_trajectory=True)              # (steps + 1, N, C, H, W)
+    with sampling_progress(cfg, len(y), path) as progress:
+        _, trajectory = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator,
+                                        return_trajectory=True, progress=progress)  # (steps + 1, N, C, H, W)
     picks = torch.linspace(0, len(trajectory) - 1, frames).round().long()
     images = trajectory[picks].transpose(0, 1).reshape(-1, *trajectory.shape[2:])  # row i: image i over time
     save_image_grid(images, frames, path, [class_names[i] for i in y.tolist()], "reverse process: x_T → x_0")
@@ -2190,6 +2387,7 @@ def dump_samples(diffusion, model, cfg, class_names, labels, folder: Path) -> No
     i is the same image however many processes share the work (under torchrun, chunk k goes to process k mod W).
     """
     from torchvision.utils import save_image
+    cfg = resolve_sampler(cfg, diffusion.betas.device)
     check_dump_dir(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rank, world = process_rank()
@@ -2199,14 +2397,16 @@ def dump_samples(diffusion, model, cfg, class_names, labels, folder: Path) -> No
     shape, size = model_input_shape(model, cfg), max(cfg.batch_size, 1)
     # One batch at a time, written as it comes: 50,000 samples never sit in memory together, and an interrupted
     # dump keeps the files written so far.
-    for k, chunk in enumerate(y.split(size)):
-        if k % world != rank:
-            continue
-        generator = torch.Generator().manual_seed(cfg.seed + 2 + k * 2**32)
-        images = generate_images(diffusion, model, cfg, chunk, shape, generator)
-        for i, (image, label) in enumerate(zip(images, chunk.tolist()), start=k * size):
-            name = re.sub(r"[^\w.-]+", "_", class_names[label])
-            save_image((image + 1) / 2, folder / f"{i:06d}_{name}.png")
+    mine = [(k, chunk) for k, chunk in enumerate(y.split(size)) if k % world == rank]
+    what = (f"writing {len(y):,} samples into {folder} ({cfg.sampler} {sampling_steps(cfg)} steps, guidance "
+            f"{cfg.guidance:g}" + (f", {world} processes" if world > 1 else "") + "), sampling steps")
+    with Progress(what, len(mine) * sampling_steps(cfg)) as progress:
+        for k, chunk in mine:
+            generator = torch.Generator().manual_seed(cfg.seed + 2 + k * 2**32)
+            images = generate_images(diffusion, model, cfg, chunk, shape, generator, progress=progress)
+            for i, (image, label) in enumerate(zip(images, chunk.tolist()), start=k * size):
+                name = re.sub(r"[^\w.-]+", "_", class_names[label])
+                save_image((image + 1) / 2, folder / f"{i:06d}_{name}.png")
     if world > 1:
         dist.barrier()  # every process has written its share
     print(f"wrote {len(y):,} samples to {folder}")
@@ -2219,6 +2419,28 @@ def build_image_model(cfg: ImageConfig, channels: int, num_classes: int) -> UNet
         raise UserError(f"images of side {cfg.image_size} cannot pass the {cfg.model!r} U-Net, which needs a "
                         f"multiple of {model.factor}; choose another --image-size or --model")
     return model
+
+
+def warn_if_gpu_sized(model: nn.Module, diffusion: Diffusion, data: Data, cfg: ImageConfig) -> None:
+    """Before a CPU run of a U-Net sized for a GPU (over 10M parameters: base, large), times one training step of
+    4 images on a copy and says what the whole run means here: img/s and the days it would take."""
+    params = sum(p.numel() for p in model.parameters())
+    kind = cfg.device.split(":")[0]
+    if kind == "auto":  # as choose_device will decide
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if params < 10_000_000 or kind != "cpu" or process_rank()[0] > 0:
+        return
+    n = min(4, len(data.x))
+    print(f"timing one training step of {n} images of U-Net {cfg.model!r} on this CPU ...", flush=True)
+    with torch.random.fork_rng(devices=[]):  # the run's random streams stay where they were
+        x0, y = data.batch(torch.arange(n), torch.zeros(n, dtype=torch.bool))
+        tic = time.perf_counter()
+        train_step(copy.deepcopy(model).train(), diffusion, x0, y)
+        img_per_s = n / (time.perf_counter() - tic)
+    days = cfg.steps * cfg.batch_size / img_per_s / 86400
+    print(f"warning: U-Net {cfg.model!r} ({params / 1e6:.1f}M parameters) is sized for a GPU: on this CPU expect "
+          f"about {img_per_s:.1f} img/s, {days:,.1f} days for {cfg.steps:,} steps of batch {cfg.batch_size}; "
+          f"on a CPU try --model mnist (1.1M parameters) or fewer --steps", file=sys.stderr)
 
 
 def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None = None) -> None:
@@ -2259,19 +2481,22 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
         torch.manual_seed(cfg.seed)
         model = build_image_model(cfg, data.x.shape[1], len(class_names))
         print(f"model: U-Net {cfg.model!r}, {sum(p.numel() for p in model.parameters()):,} parameters")
+        if not cfg.resume:  # a resumed run has been told already
+            warn_if_gpu_sized(model, diffusion, data, cfg)
 
         def snapshot(ema_model, step):
             save_class_grid(diffusion, ema_model, cfg, class_names, list(range(len(class_names))),
-                            out_dir / "samples" / f"step_{step:06d}.png", f"step {step:,}, guidance {cfg.guidance}")
+                            out_dir / "samples" / f"step_{step:06d}.png", f"step {step:,}, guidance {cfg.guidance}",
+                            prefix=f"step {step}: ")
 
         model = train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
-    if process_rank()[0] == 0:  # under torchrun, process 0 alone draws the pictures; all share --dump-samples
+    cfg = resolve_sampler(cfg, diffusion.betas.device)  # the names of the files say what was drawn
+    # --sample-only --dump-samples asks for the files alone: no grid first (minutes on a CPU for a 100-image one).
+    if process_rank()[0] == 0 and not (cfg.sample_only and cfg.dump_samples):  # process 0 alone draws pictures
         if not cfg.sample_only:
             plot_loss(out_dir)
-        tic = time.perf_counter()
         grid, reverse = output_path(cfg, "samples.png"), output_path(cfg, "reverse.png")
         save_class_grid(diffusion, model, cfg, class_names, labels, grid, f"{cfg.sampler}, guidance {cfg.guidance:g}")
         save_reverse_picture(diffusion, model, cfg, class_names, labels, reverse)
-        print(f"wrote {grid} and {reverse} ({time.perf_counter() - tic:.0f} s)")
     if cfg.dump_samples:
         dump_samples(diffusion, model, cfg, class_names, labels, dump_dir)

@@ -947,11 +947,13 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path,
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_second_signal_during_the_save_aborts_at_once(tmp_path, monkeypatch, capfd, sig):
-    """A second SIGINT (or SIGTERM) that arrives while the first one's checkpoint is being written aborts at once:
-    exit status 128 + signal, "aborted", no traceback, the half-written file removed and the checkpoint before it
-    intact. (In-process, so that the second signal lands inside the save every time; capfd, since the handler
-    writes to file descriptor 2 directly.)"""
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_more_signals_during_the_save_keep_the_steps_and_a_third_aborts(tmp_path, monkeypatch, capfd, sig, repeats):
+    """Signals that arrive while the first one's checkpoint is being written: a second one is told to wait and the
+    checkpoint of the step reached is written (no step a checkpoint could keep is discarded); a third one aborts at
+    once: exit status 128 + signal, "aborted", no traceback, the half-written file removed and the checkpoint before
+    it intact. (In-process, so that the signals land inside the save every time; capfd, since the handler writes to
+    file descriptor 2 directly.)"""
     sent, real_append, real_save = [], ddpm.MetricsLog.append, torch.save
 
     def append_then_signal(self, step, *values):
@@ -961,16 +963,19 @@ def test_a_second_signal_during_the_save_aborts_at_once(tmp_path, monkeypatch, c
             os.kill(os.getpid(), sig)
 
     def signal_inside_save(obj, f):
-        if sent:  # the second one, while that checkpoint is being written
-            os.kill(os.getpid(), sig)
+        if sent:  # the others, while that checkpoint is being written
+            for _ in range(repeats):
+                os.kill(os.getpid(), sig)
         real_save(obj, f)
 
     monkeypatch.setattr(ddpm.MetricsLog, "append", append_then_signal)
     monkeypatch.setattr(torch, "save", signal_inside_save)
     status = ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 100)[2:])
     err = capfd.readouterr().err
-    assert status == 128 + sig and "finishing this step" in err and "aborted" in err and "Traceback" not in err
-    assert [ddpm.load_checkpoint(p)["step"] for p in ddpm.find_checkpoints(tmp_path)] == [20]
+    assert status == 128 + sig and "finishing this step" in err and "Traceback" not in err
+    assert "still saving the 10 step(s) since the last checkpoint" in err
+    kept = [ddpm.load_checkpoint(p)["step"] for p in ddpm.find_checkpoints(tmp_path)]
+    assert kept == ([30, 20] if repeats == 1 else [20]) and ("aborted" in err) == (repeats == 2), err
     assert not list(tmp_path.glob(".*tmp*"))
     assert_lock_released(tmp_path)
 
@@ -1038,9 +1043,9 @@ def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
     args = ["--out-dir", str(out), "--sample-only", "--sampler", "ddim", "--sample-steps", "20", "--num-samples", "300"]
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
     assert all(p.read_bytes() == data for p, data in before.items())
-    new = {"samples_ddim20_w1_seed0.npy", "samples_ddim20_w1_seed0.png", "reverse_ddim20_w1_seed0.gif"}
+    new = {"samples_ddim20_w1_n300_seed0.npy", "samples_ddim20_w1_n300_seed0.png", "reverse_ddim20_w1_n300_seed0.gif"}
     assert {p.name for p in out.iterdir()} - {p.name for p in out.iterdir() if p in before or p.is_dir()} == new
-    assert np.load(out / "samples_ddim20_w1_seed0.npy").shape == (300, 2)
+    assert np.load(out / "samples_ddim20_w1_n300_seed0.npy").shape == (300, 2)
     printed = capsys.readouterr().out
     assert "step " not in printed and all(str(out / name) in printed for name in new)
     # DDIM steps are checked against the checkpoint's T (100), not the script's default T (200).
@@ -1156,10 +1161,10 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script, monkeyp
     args = ["--out-dir", str(out), "--sample-only", "--label", "all", "--dump-samples", "7", "--dump-dir", str(dump)]
     assert ddpm.cli(config, script.main, args) == 0
     assert set(timesteps_used) == {20}  # the checkpoint's T, not the script's default 1000
-    # Sampling never replaces what the run wrote: new pictures beside them, named after what was drawn.
+    # Sampling never replaces what the run wrote; asked for single files, it draws no grid first.
     assert all(p.read_bytes() == data for p, data in before.items())
     new = {p.name for p in out.iterdir()} - {p.name for p in out.iterdir() if p in before or p.is_dir()}
-    assert new == {"samples_ddim4_w2_seed0.png", "reverse_ddim4_w2_seed0.png"}
+    assert new == set() and "drawing" not in capsys.readouterr().out
     names = sorted(p.name for p in dump.iterdir())
     assert len(names) == 7 and sum(n.endswith("_circle.png") for n in names) == 3
     assert sum(n.endswith("_square.png") for n in names) == 2 and sum(n.endswith("_stripe.png") for n in names) == 2
@@ -1178,7 +1183,8 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script, monkeyp
     # One class: a square grid with a readable title, not 100 images in one 7,600-pixel row.
     args = ["--out-dir", str(out), "--sample-only", "--label", "1", "--num-samples", "100", "--seed", "3"]
     assert ddpm.cli(config, script.main, args) == 0
-    width, height = Image.open(out / "samples_ddim4_w2_1_seed3.png").size
+    assert {p.name for p in out.iterdir()} >= {"samples_ddim4_w2_n100_1_seed3.png", "reverse_ddim4_w2_n100_1_seed3.png"}
+    width, height = Image.open(out / "samples_ddim4_w2_n100_1_seed3.png").size
     assert 300 <= width <= 1500 and 0.7 <= width / height <= 1.4, (width, height)
 
 
@@ -1291,7 +1297,7 @@ def test_another_scripts_run_is_named_as_such(tmp_path, capsys):
     for extra in (["--resume"], ["--resume", "--guidance", "1"], ["--sample-only"]):
         assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), *extra]) == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "holds a MnistConfig run (U-Net 'tiny' on 1×16×16 data, 3 classes)" in err
+        assert err.count("\n") == 1 and "holds a MnistConfig run (U-Net 'tiny' on 1×16×16 images, 3 classes)" in err
         assert f"use MnistConfig {extra[0]}" in err and "--class-cond" not in err
     assert files_in(out) == before
 
@@ -1639,14 +1645,15 @@ def test_docs_pictures_and_links_exist():
 
 
 def test_docs_exercise_checks_run():
-    """Each exercise's `Check:` code in docs/ runs and its assertions hold against this ddpm.py (chapters 1 to 4
-    have at least one each). The global random state is restored afterwards."""
+    """Each exercise's `Check:` code in docs/ runs, pasted as it stands into a fresh namespace (it imports what it
+    uses), and its assertions hold against this ddpm.py (chapters 1 to 4 have at least one each). The global random
+    state is restored afterwards."""
     found = {}
     for path in DOC_FILES:
         for i, code in enumerate(re.findall(r"^Check:\n```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)):
             found[path.name] = found.get(path.name, 0) + 1
             with torch.random.fork_rng():
-                exec(compile(code, f"{path.name}, check {i + 1}", "exec"), {"ddpm": ddpm, "torch": torch})
+                exec(compile(code, f"{path.name}, check {i + 1}", "exec"), {})
     chapters = [p.name for p in DOC_FILES if re.match(r"0[1-4]_", p.name)]
     assert len(chapters) == 4 and all(found.get(name, 0) >= 1 for name in chapters), found
 
@@ -1668,13 +1675,15 @@ def run_torchrun(args, nproc=2, *extra):
 
 
 def test_torchrun_trains_resumes_and_a_single_process_samples(tmp_path):
-    """Two processes under torchrun train the moons: process 0 alone prints (one device line, each log line once)
+    """Two processes under torchrun train the moons: process 0 alone prints (one device line, which says how many
+    processes share each batch, and each log line once)
     and writes one checkpoint, of plain weights (no DDP `module.` prefix) with the RNG state of each process, the two
     different; two processes resume it, logging each step once; then a single process samples from it."""
     out = tmp_path / "run"
     first = run_torchrun(moons_args(out, 20))
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("device: cpu") == 1 and first.stdout.count("step 20/20") == 1
+    assert "device: cpu; 2 processes under torchrun, each with 50% of every batch" in first.stdout
     assert ddpm.find_checkpoints(out) == [out / "ckpt.pt"] and not list(out.glob(".*tmp*"))
     state = ddpm.load_checkpoint(out / "ckpt.pt")
     assert state["step"] == 20 and not any(k.startswith("module.") for k in state["model"])
@@ -1861,3 +1870,255 @@ def test_torchrun_refusals_reach_every_process(tmp_path):
         err = next((tmp_path / "logs").glob(f"*/attempt_0/{rank}/stderr.log")).read_text()
         assert err.count("\n") == 1 and "is in use by another training run" in err, err
     assert not ddpm.find_checkpoints(tmp_path / "held")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A new user's first hour: names that never collide, absurd values, stops and waits
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_sample_only_names_differ_in_every_setting_that_changes_the_samples(tmp_path):
+    """--sample-only file names carry the number of samples and the guidance weight with its sign: calls that draw
+    different things (4 images or 100, w = 1e+06 or 1e-06) never write to the same file."""
+    base = dict(out_dir=str(tmp_path), sample_only=True, sampler="ddim", sample_steps=50, label="7")
+    names = [ddpm.output_path(train_mnist.MnistConfig(**base, **extra), "samples.png").name
+             for extra in ({"guidance": 3.0, "num_samples": 100}, {"guidance": 3.0, "num_samples": 4},
+                           {"guidance": 1e6}, {"guidance": 1e-6})]
+    assert len(set(names)) == 4, names
+    assert names[2] == "samples_ddim50_w1e+06_n100_7_seed0.png" and "w1e-06" in names[3]
+
+
+def test_absurd_values_and_abbreviated_flags_are_refused(tmp_path, capsys):
+    """More threads than cores, more than a billion steps, and a flag abbreviated (--step for --steps, which
+    argparse would otherwise accept) are each refused with one line, before anything is created."""
+    out = tmp_path / "run"
+    for args, status, message in [
+            (["--threads", str((os.cpu_count() or 1) + 1)], 1, f"this machine has {os.cpu_count()} cores"),
+            (["--steps", "99999999999999999999"], 1, "is more than a billion"),
+            (["--step", "10"], 2, "unrecognized arguments: --step 10")]:
+        assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), *args]) == status
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def start_and_wait_for_text(args, text):
+    """Starts a script and returns (process, output so far) once its output holds `text` (progress lines end in
+    a carriage return, not a newline, so the output is read as it comes, not line by line)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    seen = b""
+    while text.encode() not in seen:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            raise AssertionError(f"the run ended before printing {text!r}: {seen.decode()}")
+        seen += chunk
+    return proc, seen.decode()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_while_a_grid_is_drawn_stops_within_a_sampling_step_and_saves(tmp_path, signals):
+    """SIGINT to a real process while it draws a class grid (ancestral sampling, T = 1000, tens of seconds here)
+    abandons the picture within about one sampling step, writes the checkpoint of the step reached and exits 130
+    within seconds; a second SIGINT right after the first does not discard those steps either (it is told to wait
+    for the save)."""
+    folder = make_image_folder(tmp_path / "images")
+    args = [sys.executable, str(HERE / "train_mnist.py"), "--data", str(folder), "--out-dir", str(tmp_path / "run"),
+            "--model", "tiny", "--image-size", "16", "--batch-size", "4", "--num-timesteps", "1000",
+            "--sampler", "ddpm", "--num-samples", "60", "--steps", "100", "--sample-every", "2", "--ckpt-every",
+            "1000", "--log-every", "1", "--device", "cpu"]
+    proc, _ = start_and_wait_for_text(args, "step 2: drawing")
+    tic = time.perf_counter()
+    for _ in range(signals):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    assert time.perf_counter() - tic < 10, output  # drawing the whole grid takes several times longer
+    assert "picture abandoned" in output and "stopped by SIGINT at step 2/100" in output, output
+    assert ddpm.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 2
+    assert not (tmp_path / "run" / "samples" / "step_000002.png").exists()
+
+
+def test_a_signal_before_the_first_step_stops_at_once(tmp_path, monkeypatch, capsys):
+    """SIGINT while a run is still being set up (the model built, threads measured: on a CPU a big U-Net's step
+    takes many seconds) stops at once, with exit status 130 and a line saying nothing was trained or lost, instead
+    of waiting for the setup to end and training a step first."""
+    real_init = ddpm.Trainer.__init__
+
+    def slow_setup(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the rest of a long setup
+
+    monkeypatch.setattr(ddpm.Trainer, "__init__", slow_setup)
+    tic = time.perf_counter()
+    status = ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 100)[2:])
+    assert status == 130 and time.perf_counter() - tic < 4
+    assert "before the first training step: nothing was trained" in capsys.readouterr().err
+    assert not ddpm.find_checkpoints(tmp_path)
+    assert_lock_released(tmp_path)
+
+
+def test_auto_sampler_is_sized_to_the_run_on_a_cpu_and_explicit_flags_win():
+    """--sampler auto (the image scripts' default) samples a short CPU run with DDIM at a tenth of the steps between
+    pictures, 10 to 100 (so drawing stays a small part of the run), and a GPU run with the ancestral sampler; an
+    explicit --sampler or --sample-steps is kept as given; draw() takes exactly the resolved number of steps."""
+    def resolved(device, **given):
+        cfg = ddpm.resolve_sampler(train_cifar.CifarConfig(**given), device)
+        return cfg.sampler, ddpm.sampling_steps(cfg)
+
+    assert resolved("cpu", steps=300, sample_every=50) == ("ddim", 10)
+    assert resolved("cpu", steps=300, sample_every=0) == ("ddim", 30)
+    assert resolved("cpu") == ("ddim", 100)                      # 200,000 steps, a grid every 10,000
+    assert resolved("cuda") == ("ddpm", 1000)
+    assert resolved("cpu", sampler="ddpm") == ("ddpm", 1000)
+    assert resolved("cuda", sample_steps=30) == ("ddim", 30)
+    assert resolved("cpu", sampler="ddim", sample_steps=7) == ("ddim", 7)
+    calls = []
+    model = lambda x_t, t, y=None: (calls.append(1), torch.zeros_like(x_t))[1]  # noqa: E731
+    cfg = train_cifar.CifarConfig(steps=300, sample_every=0, guidance=1.0)
+    ddpm.draw(ddpm.Diffusion(1000), model, cfg, (2, 2))
+    assert len(calls) == 30
+
+
+def test_a_cpu_run_of_a_gpu_sized_unet_says_so_first(tmp_path, monkeypatch, capsys):
+    """A CPU run of a U-Net over 10M parameters (DDPM's 35.7M `base`) says before training that it is sized for a
+    GPU, with the img/s one timed step shows and the days the run would take; the timing leaves the run's random
+    streams alone; a CPU-sized preset gets no such line."""
+    data = ddpm.Data(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
+                     ("a", "b"))  # one image: the timed step is then one image's (fast), and the rule the same
+    for preset, warned in (("base", True), ("tiny", False)):
+        cfg = train_cifar.CifarConfig(model=preset, device="cpu")
+        model = ddpm.build_unet(preset, 3, 32, 2)
+        state = torch.get_rng_state()
+        ddpm.warn_if_gpu_sized(model, ddpm.Diffusion(1000), data, cfg)
+        assert torch.equal(torch.get_rng_state(), state)
+        err = capsys.readouterr().err
+        assert ("is sized for a GPU: on this CPU expect about" in err) == warned, err
+        if warned:
+            assert re.search(r"[\d.]+ img/s, [\d,.]+ days for 200,000 steps of batch 128", err), err
+
+
+def test_moons_help_suggests_no_ddim_on_the_cosine_default_and_ddim_there_warns(tmp_path, capsys):
+    """train_moons.py --help suggests DDIM only with --schedule linear (on the default cosine, T = 100 model DDIM
+    gives an energy distance 25× the floor), and DDIM asked for on a cosine-schedule run prints a warning that
+    says why and what to use instead."""
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--help"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        assert "--sampler ddim" not in line or "--schedule linear" in line, line
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 20)[2:]) == 0
+    capsys.readouterr()
+    args = ["--out-dir", str(tmp_path), "--sample-only", "--sampler", "ddim", "--sample-steps", "10"]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
+    assert "warning: DDIM on this model's cosine schedule" in capsys.readouterr().err
+
+
+def test_make_figures_ignores_the_readers_runs_unless_asked(tmp_path, monkeypatch, capsys):
+    """docs/make_figures.py draws the figures the docs describe whatever lies in runs/: with a moons checkpoint of
+    the right kind in runs/moons and one in runs/mnist, it trains its own moons model (here a stub of fit) and keeps
+    the committed MNIST figure; only --from-runs (from_runs=True) uses the checkpoint."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_figures", HERE / "docs" / "make_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    cfg = dict(num_timesteps=100, schedule="cosine", hidden=32, depth=1, num_points=256, batch_size=32,
+               ckpt_every=20, log_every=10, sample_every=0, num_samples=200, device="cpu")
+    run = ["--out-dir", str(tmp_path / "runs" / "moons"), "--steps", "20"]
+    run += [x for k, v in cfg.items() for x in (ddpm.flag(k), str(v))]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, run) == 0
+    (tmp_path / "runs" / "mnist").mkdir()
+    (tmp_path / "runs" / "mnist" / "ckpt.pt").write_bytes(b"not read")
+    monkeypatch.setattr(figures, "ROOT", tmp_path)
+    fitted = []
+    monkeypatch.setattr(ddpm, "fit", lambda model, *a, **k: fitted.append(1) or model.eval())
+    capsys.readouterr()
+    figures.moons_model(class_cond=False, from_runs=False)
+    figures.figure_mnist(from_runs=False)
+    printed = capsys.readouterr().out
+    assert fitted == [1] and "trained here" in printed and "kept the committed MNIST figure" in printed
+    _, model, _, _ = figures.moons_model(class_cond=False, from_runs=True)
+    assert fitted == [1] and "the EMA weights of runs/moons/ckpt.pt" in capsys.readouterr().out
+
+
+def test_loss_plot_tick_labels_never_overlap(tmp_path, monkeypatch):
+    """loss.png's log-scale loss axis has readable labels: for a loss falling as MNIST's does (0.6 to 0.025), every
+    tick label drawn is separate from the others (the boxes of 0.09 and 0.1 overlapped), labels are plain decimals,
+    and there are at least three, so the scale can still be read."""
+    import matplotlib.pyplot as plt
+    steps = np.arange(100, 2600, 100)
+    loss = 0.025 + 0.6 * np.exp(-steps / 150)
+    rows = "".join(f"{s},{v:.6g},0.001,100.0,0\n" for s, v in zip(steps, loss))
+    (tmp_path / "metrics.csv").write_text("step,loss,lr,img_per_s,skipped_steps\n" + rows)
+    kept = []
+    monkeypatch.setattr(plt, "close", lambda fig: kept.append(fig))  # look at the figure before it is closed
+    ddpm.plot_loss(tmp_path)
+    fig = kept[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.yaxis.get_majorticklabels() + ax.yaxis.get_minorticklabels()
+              if t.get_text() and ax.get_ylim()[0] <= t.get_position()[1] <= ax.get_ylim()[1]]
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.y0)
+    assert len(boxes) >= 3 and all(re.fullmatch(r"[\d.]+", t.get_text()) for t in labels)
+    assert all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in labels]
+    plt.close(fig)
+
+
+def test_messages_say_what_to_do(tmp_path, capsys):
+    """Each of these mistakes gets one line that names the cause and the next step: every checkpoint damaged
+    (restore or --overwrite); the fallback warning once, not twice; --resume --seed N on moons (names --seed, which
+    draws the data); a fresh start in a folder another run is using (says so first); another script's run folder
+    (no --resume advice that would be refused); "2-D points", not "2 data"; image files without class sub-folders;
+    --data or --data-dir that is a file; a download error whose reason is on a later line."""
+    def run(config, main, args):
+        status = ddpm.cli(config, main, args)
+        err = capsys.readouterr().err
+        return status, err
+
+    out = tmp_path / "moons"
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(out, 40)[2:]) == 0  # ckpt 40 and 20
+    corrupt_middle(out / "ckpt.pt")
+    status, err = run(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), "--resume", "--steps", "60"])
+    assert status == 0 and err.count("falling back to the older") == 1, err
+    for path in ddpm.find_checkpoints(out):
+        corrupt_middle(path)
+    status, err = run(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), "--resume"])
+    assert status == 1 and "no usable checkpoint is left" in err and "--overwrite" in err, err
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(out, 20, "--overwrite")[2:]) == 0
+    status, err = run(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), "--resume", "--seed", "3"])
+    assert status == 1 and "--seed (checkpoint 0, now 3: this data is drawn from the seed" in err, err
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('pid 1 on elsewhere'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(out / "train.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        status, err = run(train_moons.MoonsConfig, train_moons.main, moons_args(out, 20)[2:])
+        assert status == 1 and "is in use by another training run (pid 1 on elsewhere)" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+
+    images = make_image_folder(tmp_path / "images")
+    common = ["--model", "tiny", "--image-size", "16", "--batch-size", "4", "--steps", "2", "--device", "cpu"]
+    status, err = run(train_mnist.MnistConfig, train_mnist.main, ["--out-dir", str(out), "--data", str(images),
+                                                                 *common])
+    assert status == 1 and "holds a MoonsConfig run, not one of MnistConfig" in err and "--resume" not in err, err
+    status, err = run(train_mnist.MnistConfig, train_mnist.main, ["--out-dir", str(out), "--resume"])
+    assert status == 1 and "(MLP on 2-D points)" in err, err
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in (images / "circle").iterdir():
+        p.rename(flat / p.name)
+    a_file = tmp_path / "afile.txt"
+    a_file.write_text("x")
+    for args, message in [(["--data", str(flat)], "it has no class sub-folders (it holds 5 file(s) directly)"),
+                          (["--data", str(a_file)], "is a file, not a folder"),
+                          (["--data-dir", str(a_file)], "is a file, not a folder")]:
+        flags = common if "--data" in args else common[:2] + common[4:]  # the built-in data: no --image-size
+        status, err = run(train_mnist.MnistConfig, train_mnist.main, ["--out-dir", str(tmp_path / "new"), *args,
+                                                                     *flags])
+        assert status == 1 and message in err and err.count("\n") == 1, err
+    reason = RuntimeError("Error downloading x.gz:\nTried https://a/, got:\n<urlopen error [Errno -3] no name>\n")
+    assert ddpm.one_line(reason) == "Error downloading x.gz: <urlopen error [Errno -3] no name>"

@@ -3,8 +3,10 @@
     python train_moons.py                   # train, then write runs/moons/: samples.npy, samples.png, loss.png,
                                             #   reverse.gif, snapshots/, ckpt.pt, metrics.csv
     python train_moons.py --resume          # continue an interrupted run (bit-exact on a CPU)
-    python train_moons.py --sample-only --sampler ddim --seed 1   # new samples from the saved model, written
-                                            #   beside the run's own as samples_ddim100_w1_seed1.npy, .png, .gif
+    python train_moons.py --sample-only --seed 1   # new samples from the saved model, written beside the
+                                            #   run's own as samples_ddpm100_w1_n5000_seed1.npy, .png, .gif
+    python train_moons.py --schedule linear --overwrite; python train_moons.py --sample-only --sampler ddim
+                                            #   DDIM wants the linear schedule here (the cosine one ends too noisy)
     python train_moons.py --class-cond --overwrite --guidance 2   # learn p(x | which moon), sample each by label
     python train_moons.py --help            # every setting, with its default
 
@@ -163,6 +165,11 @@ def build_model(cfg: MoonsConfig) -> ddpm.MLP:
 def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
     out_dir = Path(cfg.out_dir)
     diffusion = ddpm.Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond)
+    if cfg.sampler == "ddim" and cfg.schedule == "cosine":  # on the defaults: 25× the real-vs-real energy distance
+        abar_T = diffusion.alphas_cumprod[-1].item()
+        print(f"warning: DDIM on this model's cosine schedule (ᾱ_T = {abar_T:.1e}) draws hazy moons: its "
+              f"first step divides the network's error by √ᾱ_T; use the ancestral sampler (--sampler ddpm), or train "
+              f"with --schedule linear for DDIM", file=sys.stderr)
     if cfg.sample_only:
         state = ddpm.load_for_sampling(cfg, ckpt)
         mean, std = torch.tensor(state["data_info"]["mean"]), torch.tensor(state["data_info"]["std"])

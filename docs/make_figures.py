@@ -1,14 +1,14 @@
 """Draws every figure of the walkthrough in docs/ with the real code of ddpm.py.
 
-    python docs/make_figures.py            # 2 to 3 minutes on a 2-core CPU; writes docs/fig_*.png
-    python docs/make_figures.py --retrain  # ignore checkpoints under runs/ and train the moons models afresh
+    python docs/make_figures.py              # 2 to 3 minutes on a 2-core CPU; writes docs/fig_*.png
+    python docs/make_figures.py --from-runs  # also use your checkpoints under runs/ (and redraw the MNIST figure)
 
 No GPU, no network. The moons figures need three small MLPs with train_moons.py's settings: an unconditional one,
 the same on the linear schedule (for the DDIM comparison of chapter 3) and one that knows which moon. Each is trained
-here with Part I's `fit`, unless runs/moons/ckpt.pt holds a model of that kind (train_moons.py, with or without
---class-cond), which is then used instead; the script says which. The MNIST figure needs runs/mnist/ckpt.pt
-(python train_mnist.py) and is skipped, saying so, without one. Everything is seeded: the same inputs give the same
-pictures.
+here with Part I's `fit`, so the figures are the ones the docs describe whatever runs you made before. Only with
+--from-runs is a model of that kind in runs/moons/ckpt.pt (train_moons.py, with or without --class-cond) used
+instead, and the MNIST figure redrawn from runs/mnist/ckpt.pt (python train_mnist.py); without it the committed MNIST
+figure stays. The script says which. Everything is seeded: the same inputs give the same pictures.
 """
 import argparse
 import io
@@ -159,12 +159,12 @@ def figure_moons_forward(points: torch.Tensor) -> None:
 # The moons models: a checkpoint of train_moons.py if there is one of the right kind, else trained here with fit
 # ----------------------------------------------------------------------------------------------------------------------
 
-def moons_model(class_cond: bool, retrain: bool, schedule: str = MOONS.schedule):
+def moons_model(class_cond: bool, from_runs: bool, schedule: str = MOONS.schedule):
     """(diffusion, EMA model in eval mode, mean, std): a moons denoiser, unconditional or conditioned on the moon,
-    for the given noise schedule (train_moons.py's by default)."""
+    for the given noise schedule (train_moons.py's by default); from runs/moons/ckpt.pt only if from_runs."""
     kind = f"{'class-conditional' if class_cond else 'unconditional'} moons model ({schedule} schedule)"
     path = ROOT / "runs" / "moons" / "ckpt.pt"
-    if not retrain and path.exists():
+    if from_runs and path.exists():
         try:
             state = ddpm.load_checkpoint(path)
         except ddpm.UserError as e:
@@ -264,9 +264,13 @@ def figure_guidance(diffusion, model) -> None:
 # MNIST: from the checkpoint of train_mnist.py, if there is one
 # ----------------------------------------------------------------------------------------------------------------------
 
-def figure_mnist() -> None:
-    """Class grids from runs/mnist/ckpt.pt at w = 0, 1 and 3: one row per digit, the same noise in each grid."""
+def figure_mnist(from_runs: bool) -> None:
+    """Class grids from runs/mnist/ckpt.pt at w = 0, 1 and 3: one row per digit, the same noise in each grid; only
+    if from_runs (a reader's own MNIST run is not what the docs describe unless asked for)."""
     path = ROOT / "runs" / "mnist" / "ckpt.pt"
+    if not from_runs:
+        print("kept the committed MNIST figure (--from-runs redraws it from runs/mnist/ckpt.pt)")
+        return
     if not path.exists():
         kept = " (the figure committed earlier stays)" if (DOCS / "fig_mnist_guidance.png").exists() else ""
         print(f"skipped the MNIST figure: no {path.relative_to(ROOT)} (make one with python train_mnist.py){kept}")
@@ -302,7 +306,8 @@ def figure_mnist() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--retrain", action="store_true", help="ignore runs/moons/ckpt.pt; train the moons models")
+    parser.add_argument("--from-runs", action="store_true", help="use runs/moons/ckpt.pt where it fits, and redraw "
+                        "the MNIST figure from runs/mnist/ckpt.pt (default: train the moons models here, keep MNIST's)")
     args = parser.parse_args()
     tic = time.perf_counter()
     figure_noised_image()
@@ -310,15 +315,15 @@ def main() -> None:
     figure_posterior_variance()
     points, _ = make_moons(10_000, MOONS.noise, torch.Generator().manual_seed(0))  # the 10,000 points chapter 1.6 names
     figure_moons_forward((points - points.mean(0)) / points.std(0))
-    diffusion, model, mean, std = moons_model(class_cond=False, retrain=args.retrain)
+    diffusion, model, mean, std = moons_model(class_cond=False, from_runs=args.from_runs)
     figure_moons_reverse(diffusion, model)
     # DDIM's first step from t = T divides by √ᾱ_T; a second model, with the linear schedule, shows how much that
     # matters (chapter 3.4).
-    linear = moons_model(class_cond=False, retrain=args.retrain, schedule="linear")
+    linear = moons_model(class_cond=False, from_runs=args.from_runs, schedule="linear")
     figure_samplers([(f"{MOONS.schedule} schedule", diffusion, model, mean, std), ("linear schedule", *linear)])
-    diffusion, model, _, _ = moons_model(class_cond=True, retrain=args.retrain)
+    diffusion, model, _, _ = moons_model(class_cond=True, from_runs=args.from_runs)
     figure_guidance(diffusion, model)
-    figure_mnist()
+    figure_mnist(args.from_runs)
     print(f"done in {time.perf_counter() - tic:.0f} s")
 
 
