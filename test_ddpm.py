@@ -1084,6 +1084,11 @@ def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
     printed = capsys.readouterr().out
     distance = float(printed.split("energy distance to fresh moons: ")[1].split()[0])
     assert distance < 0.01
+    # The bound of the model's −log likelihood cannot lie below the data's entropy (cross-entropy ≥ entropy): both
+    # are means over the same 2,000 fresh points, so compare them within 4 of their combined standard errors.
+    bound, bound_se, entropy, entropy_se = map(float, re.search(
+        r"fresh moons: (\S+) ± (\S+) bits/dim \(the moons' own entropy, the floor: (\S+) ± (\S+)\)", printed).groups())
+    assert bound > entropy - 4 * math.hypot(bound_se, entropy_se) and 0 < entropy_se < 0.05
     real, _ = train_moons.make_moons(2000, 0.05, torch.Generator().manual_seed(9))
     gaussian = real.mean(0) + real.std(0) * torch.randn(2000, 2, generator=torch.Generator().manual_seed(10))
     assert train_moons.energy_distance(gaussian, real) > 0.02
@@ -1104,6 +1109,23 @@ def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--sample-steps 150 exceeds the 100 timesteps this model was trained with" in err
+
+
+def test_moons_density_is_a_density_with_the_entropy_of_thin_arcs():
+    """moons_log_density is the density make_moons draws from: it integrates to 1 over the plane (a 0.01 grid, far
+    finer than the noise 0.1, within 1e-3); a class's density likewise; and for thin moons (noise 0.01) the entropy
+    −E log p is that of a uniform law along the two arcs' total length 2π times a 1-D Gaussian across them,
+    log 2π + ½·log(2πe·0.01²), within 4 standard errors of its Monte-Carlo mean over 20,000 fresh points plus 0.005
+    for the arcs' ends and curvature (of order noise/π)."""
+    xs, ys = torch.arange(-1.6, 2.6, 0.01), torch.arange(-1.2, 1.7, 0.01)
+    grid = torch.cartesian_prod(xs, ys)
+    for labels in (None, torch.zeros(len(grid), dtype=torch.long), torch.ones(len(grid), dtype=torch.long)):
+        mass = train_moons.moons_log_density(grid, 0.1, labels, nodes=400).exp().sum().item() * 0.01 ** 2
+        assert abs(mass - 1) < 1e-3, mass
+    points, _ = train_moons.make_moons(20_000, 0.01, torch.Generator().manual_seed(0), balanced=False)
+    log_p = train_moons.moons_log_density(points, 0.01)
+    thin = math.log(2 * math.pi) + 0.5 * math.log(2 * math.pi * math.e * 0.01 ** 2)
+    assert abs(-log_p.mean().item() - thin) < 4 * log_p.std().item() / math.sqrt(len(points)) + 0.005
 
 
 def test_expected_energy_distance_is_the_mean_over_independent_real_sets():
