@@ -46,10 +46,11 @@ Deviations from the papers, each marked where it happens:
     5. The class embedding is added to the timestep embedding (DDPM has no labels; this is the usual way, as in [CFG]).
     6. GroupNorm keeps at least 4 channels per group (DDPM: 32 groups, which is 4 channels at its narrowest width);
        narrow networks such as the MNIST preset get fewer groups instead of per-channel normalisation.
-    7. Both samplers use the reverse variance σ_t² = β̃_t [DDPM §3.2: "fixedsmall"]; DDPM's released CIFAR-10 runs
-       used σ_t² = β_t ("fixedlarge"), which the paper found about as good. β̃_t adds no noise on the last step.
-Left out on purpose: learned variances and the hybrid loss [IDDPM], the discrete decoder and likelihood evaluation
-[DDPM §3.3], v-prediction, latent diffusion, FID computation (use an external tool on --dump-samples output).
+    7. The ancestral sampler and the bound use the reverse variance σ_t² = β̃_t [DDPM §3.2: "fixedsmall"]; DDPM's
+       released CIFAR-10 runs used σ_t² = β_t ("fixedlarge"), which the paper found about as good. β̃_t adds no noise
+       on the last step. DDIM's σ_t(η) is β̃_t only at η = 1 (η = 0: no noise at all).
+Left out on purpose: learned variances and the hybrid loss [IDDPM], v-prediction, latent diffusion, FID (use an external
+tool on --dump-samples output). Computed: the bound in bits/dim, with DDPM's 8-bit decoder [§3.3] (Diffusion.nll_bound).
 """
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ def make_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
         num_timesteps: T; at least 2 for "linear" (see below), at least 1 for "cosine".
     Returns:
         (T,) float64 tensor; entry k is β for paper step t = k + 1.
-    Small T: with deviation 1, below T ≈ 50 the last β reach the 0.999 cap and those steps erase nearly everything;
-    such models need longer training to sample well. T = 1 would leave ᾱ_T = 0.9 (x_T not noise): refused.
+    The 0.999 cap: the cosine schedule's last β reaches it at every T (f(T) = 0 there); the linear schedule's
+    β_T = 20/T (deviation 1) reaches it only for T ≤ 20, whose last steps then erase nearly everything.
+    T = 1 would leave the linear schedule ᾱ_T = 0.9 (x_T not noise): refused.
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
@@ -114,9 +116,9 @@ def make_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
 # DDPM in four facts, each implemented by one method of Diffusion:
 #   1. q_sample     any x_t can be drawn from x_0 in one jump [Eq. 4]: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, so training
 #                   never has to simulate the chain step by step;
-#   2. loss         the variational bound on −log p_θ(x_0) [Eq. 5] is a sum of KL divergences between Gaussians;
-#                   writing the reverse mean through a noise predictor ε_θ [Eq. 11] turns each into a weighted
-#                   ‖ε − ε_θ(x_t, t)‖², and dropping the weights gives L_simple [Eq. 14], which trains better [§3.4];
+#   2. loss         the variational bound on −log p_θ(x_0) [Eq. 5] is a sum of KL divergences between Gaussians and a
+#                   decoder term L_0; a noise predictor ε_θ [Eq. 11] turns each KL into a weighted ‖ε − ε_θ(x_t, t)‖²,
+#                   and dropping the weights gives L_simple [Eq. 14], which trains better [§3.4] (nll_bound: the bound);
 #   3. q_posterior  given x_0, the step back q(x_{t−1} | x_t, x_0) is Gaussian with a known mean and variance
 #                   [Eqs. 6–7]; the reverse process p_θ(x_{t−1} | x_t) is that step with x_0 replaced by the
 #                   network's estimate x̂_0 [Eq. 15];
@@ -132,14 +134,13 @@ NULL_LABEL = -1  # the label ∅ of classifier-free guidance: "condition on noth
 
 
 def check_labels(y: torch.Tensor | None, num_classes: int | None) -> torch.Tensor | None:
-    """y (B,), checked: every label a class 0 … num_classes − 1 or NULL_LABEL (y or num_classes None/0: no check).
-    Called once where labels enter (data, samplers), not in every forward pass; unchecked, the label num_classes
-    would silently mean ∅, and −2 would fail deep inside the embedding."""
-    if y is not None and num_classes:
-        bad = y[(y != NULL_LABEL) & ((y < 0) | (y >= num_classes))]
-        if len(bad):
-            raise ValueError(f"label {bad[0].item()} is not a class: labels run from 0 to {num_classes - 1}, "
-                             f"or NULL_LABEL ({NULL_LABEL}) for no label")
+    """y (B,), checked where labels enter (data, samplers, fit), not in every forward pass: every label a class
+    0 … num_classes − 1 or NULL_LABEL (y or num_classes None/0: no check). Unchecked, the label num_classes would
+    silently mean ∅, and −2 would fail deep inside the embedding."""
+    bad = y[(y != NULL_LABEL) & ((y < 0) | (y >= num_classes))] if y is not None and num_classes else []
+    if len(bad):
+        raise ValueError(f"label {bad[0].item()} is not a class: labels run from 0 to {num_classes - 1}, "
+                         f"or NULL_LABEL ({NULL_LABEL}) for no label")
     return y
 
 
@@ -152,9 +153,28 @@ def broadcast(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.T
 def randn_from(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     """N(0, I) noise of `shape` on `device`, from `generator` (drawn on its own device, then moved: a CPU generator
     gives the same samples with the model on a CPU or a GPU) or, without one, from the global RNG."""
-    if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    return torch.randn(shape, generator=generator, device=device if generator is None else generator.device).to(device)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) in nats, elementwise (the arguments broadcast): each term of
+    the bound [DDPM Eq. 5] is a sum of these over the dimensions."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
+    """log P(x), elementwise, for 8-bit data x in [−1, 1] (levels 2k/255 − 1) under N(means, e^(2·log_scales))
+    integrated over x's bin [DDPM Eq. 13]: the edges lie 1/255 either side of each level, and the two end bins reach
+    out to ±∞, so that the 256 probabilities sum to 1. In float64, since a bin's mass can be tiny."""
+    level, means, inv_scale = torch.round((x.double() + 1) * 127.5), means.double(), torch.exp(-log_scales.double())
+    # Edges from the integer level k, (2k ± 1)/255 − 1: neighbouring bins share an edge exactly, whatever x's rounding.
+    upper = torch.where(level > 254.5, math.inf, ((2 * level + 1) / 255 - 1 - means) * inv_scale)
+    lower = torch.where(level < 0.5, -math.inf, ((2 * level - 1) / 255 - 1 - means) * inv_scale)
+    # log(Φ(b) − Φ(a)) through log Φ, mirrored (Φ(u) − Φ(l) = Φ(−l) − Φ(−u)) to keep Φ(b) from 1: exact in the tails.
+    flip = lower > 0
+    a, b = torch.where(flip, -upper, lower), torch.where(flip, -lower, upper)
+    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    return log_b + torch.log(-torch.expm1(log_a - log_b))
 
 
 class Diffusion(nn.Module):
@@ -197,9 +217,7 @@ class Diffusion(nn.Module):
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draws x_t ~ q(x_t | x_0) = N(√ᾱ_t·x_0, (1 − ᾱ_t)·I) [DDPM Eq. 4], with the given ε ~ N(0, I).
-
-        Args: x0 (B, …), t (B,), noise (B, …).  Returns: x_t (B, …).
-        """
+        Args: x0 (B, …), t (B,), noise (B, …).  Returns: x_t (B, …)."""
         # [DDPM Eq. 4] x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε : one jump instead of t small steps.
         return (broadcast(self.sqrt_alphas_cumprod, t, x0) * x0
                 + broadcast(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
@@ -227,8 +245,8 @@ class Diffusion(nn.Module):
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, noise_pred: torch.Tensor) -> torch.Tensor:
         """x̂_0, the clean data a noise prediction implies: Eq. 4 solved for x_0 [DDPM Eq. 15].
 
-        Args: x_t (B, …), t (B,), noise_pred (B, …).  Returns: x0_pred (B, …). Near t = T it divides by √ᾱ_t ≈ 0.006,
-        so early in sampling x̂_0 is a rough guess; that is why images clip it to [−1, 1].
+        Args: x_t (B, …), t (B,), noise_pred (B, …).  Returns: x0_pred (B, …). At t = T it divides by √ᾱ_T (0.006 for
+        linear, T = 1000; 5e-4 for the moons' cosine, T = 100): early in sampling x̂_0 is a rough guess; images clip it.
         """
         # [DDPM Eq. 15] x̂_0 = (x_t − √(1 − ᾱ_t)·ε_θ) / √ᾱ_t
         return ((x_t - broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t) * noise_pred)
@@ -236,7 +254,6 @@ class Diffusion(nn.Module):
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t·I) [DDPM Eqs. 6–7].
-
         Args: x0, x_t (B, …), t (B,).  Returns: mean (B, …) and variance (B, 1, …, 1)."""
         # [DDPM Eq. 7] μ̃_t = √ᾱ_{t−1}·β_t/(1 − ᾱ_t)·x_0 + √α_t·(1 − ᾱ_{t−1})/(1 − ᾱ_t)·x_t
         mean = broadcast(self.posterior_mean_coef1, t, x_t) * x0 + broadcast(self.posterior_mean_coef2, t, x_t) * x_t
@@ -279,9 +296,9 @@ class Diffusion(nn.Module):
         for k in reversed(range(self.num_timesteps)):                   # [Alg. 2, line 2] paper t = T, …, 1
             t = torch.full((shape[0],), k, device=device, dtype=torch.long)
             noise_pred = self.guided_noise_pred(model, x_t, t, y, guidance).float()
-            # [Alg. 2, line 4] x_{t−1} = 1/√α_t·(x_t − β_t/√(1 − ᾱ_t)·ε_θ) + σ_t·z, computed in two equal steps:
-            # x̂_0 from Eq. 15, then the posterior mean μ̃_t(x_t, x̂_0) of Eq. 7 (this is Eq. 11's mean, and it
-            # lets us clip x̂_0 to the data range first, as DDPM's own code does for images).
+            # [Alg. 2, line 4] x_{t−1} = 1/√α_t·(x_t − β_t/√(1 − ᾱ_t)·ε_θ) + σ_t·z, computed in two stages that
+            # give the same mean: x̂_0 from Eq. 15, then the posterior mean μ̃_t(x_t, x̂_0) of Eq. 7 (this is Eq. 11's
+            # mean, and it lets us clip x̂_0 to the data range first, as DDPM's own code does for images).
             x0_pred = self.predict_x0(x_t, t, noise_pred)
             if clip_x0:
                 x0_pred = x0_pred.clamp(-1, 1)
@@ -304,11 +321,14 @@ class Diffusion(nn.Module):
         a much earlier one [DDIM §4.2], so the same trained network samples in 50 or 100 calls instead of T. Each
         jump predicts x̂_0, then re-noises it to the earlier level along the direction of the predicted ε, plus fresh
         noise of scale η. eta = 0 is deterministic given x_T; eta = 1 with steps = T is the ancestral sampler above.
-        Args: as sample(), plus steps (1 ≤ steps ≤ T) and eta ≥ 0.
+        Args: as sample(), plus steps (1 ≤ steps ≤ T) and 0 ≤ eta ≤ 1: the step needs σ_τ² ≤ 1 − ᾱ_prev, which η ≤ 1
+        guarantees at every step; beyond, steps break it and the marginals of Eq. 4 are lost, so it is refused.
         Returns: x_0 (B, …); with return_trajectory also a (steps + 1, B, …) CPU tensor.
         """
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"DDIM steps must be between 1 and T = {self.num_timesteps}, got {steps}")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"DDIM eta must lie in [0, 1] (σ_τ² ≤ 1 − ᾱ_prev at every step), got {eta}")
         device = self.betas.device
         y = None if y is None else check_labels(y, getattr(model, "num_classes", None)).to(device)
         # The sub-sequence τ of timesteps, from T − 1 down to 0 (code indices).
@@ -330,6 +350,7 @@ class Diffusion(nn.Module):
             # [DDIM Eq. 16] σ_τ = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev); η = 1 gives σ² = β̃ (DDPM)
             sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
             # [DDIM Eq. 12] x_prev = √ᾱ_prev·x̂_0 + √(1 − ᾱ_prev − σ²)·ε_θ + σ·z
+            # 1 − ᾱ_prev − σ² = (1 − ᾱ_prev)·(1 − η²·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t)) ≥ 0 for η ≤ 1; max(): rounding
             x_prev = math.sqrt(a_prev) * x0_pred + math.sqrt(max(0.0, 1 - a_prev - sigma ** 2)) * noise_pred
             if i + 1 < len(taus) and eta > 0:  # no noise on the last step, as in the ancestral sampler
                 x_prev = x_prev + sigma * randn_from(shape, generator, device)
@@ -337,6 +358,50 @@ class Diffusion(nn.Module):
                 trajectory.append(x_prev.cpu())
             x_t = x_prev
         return (x_t, torch.stack(trajectory)) if return_trajectory else x_t
+
+    # --- the bound, computed ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def nll_bound(self, model, x0: torch.Tensor, y: torch.Tensor | None = None, discrete: bool = False):
+        """The variational bound L_T + Σ_{t>1} L_{t−1} + L_0 ≥ −log p_θ(x_0) [DDPM Eqs. 5, 13] per example, in bits
+        per dimension: the exact sum of all T + 1 terms, each at one draw of x_t ~ q(x_t | x_0).
+
+        The reverse variances are the ancestral sampler's, σ_t² = β̃_t; at t = 1, where β̃_1 = 0, the decoder takes
+        β̃_2, as DDPM's released code does ("posterior_log_variance_clipped"). Put the model in eval mode first.
+        Args: model; x0 (B, …); y (B,) labels (the bound is then on −log p_θ(x_0 | y)) or None; discrete: x0 are 8-bit
+        images in [−1, 1], L_0 is DDPM's discretized decoder [§3.3] and x̂_0 is clipped to [−1, 1] as clip_x0 does;
+        else L_0 is a Gaussian density.  Returns: (B,) float64 bits/dim; their mean estimates the bound on the data.
+        """
+        B, T, D = x0.shape[0], self.num_timesteps, x0[0].numel()
+        logvar = self.posterior_variance.double().log()
+        logvar[0] = logvar[1] if T > 1 else math.log(self.betas[0].item())  # β̃_1 = 0 has no log: DDPM takes β̃_2
+        # [DDPM Eq. 5] L_T = KL(q(x_T | x_0) ‖ N(0, I)) = KL(N(√ᾱ_T·x_0, (1 − ᾱ_T)·I) ‖ N(0, I)); no parameters.
+        abar_T = self.alphas_cumprod[-1].double()
+        total = normal_kl(abar_T.sqrt() * x0.double(), (1 - abar_T).log(), 0, abar_T * 0).flatten(1).sum(1)  # (B,)
+        # All T timesteps, several per forward pass: `chunk` copies of the batch, copy j at timestep start + j. The
+        # cap of 2^19 input values per pass (670 MNIST digits, 170 CIFAR images) keeps the activations in memory.
+        chunk = max(1, min(T, 2 ** 19 // max(1, x0.numel())))
+        for start in range(0, T, chunk):
+            k = torch.arange(start, min(T, start + chunk), device=x0.device)
+            t = k.repeat_interleave(B)                                           # (n·B,): n copies of the batch
+            x0_n = x0.repeat(len(k), *[1] * (x0.dim() - 1))                      # (n·B, …)
+            x_t = self.q_sample(x0_n, t, torch.randn_like(x0_n))                 # one x_t per term [Eq. 4]
+            noise_pred = model(x_t, t, None if y is None else y.repeat(len(k))).float()
+            x0_pred = self.predict_x0(x_t, t, noise_pred)
+            x0_pred = x0_pred.clamp(-1, 1) if discrete else x0_pred
+            mean_pred, _ = self.q_posterior(x0_pred, x_t, t)                     # μ_θ(x_t, t) [Eq. 11], as sampled
+            mean_true, var_true = self.q_posterior(x0_n, x_t, t)                 # μ̃_t, β̃_t [Eq. 7]
+            logvar_pred = broadcast(logvar, t, x_t)
+            # [DDPM Eq. 5] L_{t−1} = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) for paper t ≥ 2 (code t ≥ 1) …
+            terms = normal_kl(mean_true.double(), var_true.double().clamp(min=1e-30).log(), mean_pred.double(),
+                              logvar_pred)
+            if start == 0:  # … and the decoder L_0 = −log p_θ(x_0 | x_1) at code t = 0, where μ_θ = x̂_0 (Eq. 7, t = 1)
+                mean_0, logvar_0, x = mean_pred[:B].double(), logvar_pred[:B], x0.double()
+                terms[:B] = (-discretized_gaussian_log_likelihood(x, mean_0, 0.5 * logvar_0) if discrete  # [Eq. 13]
+                             else 0.5 * (math.log(2 * math.pi) + logvar_0 + (x - mean_0) ** 2 / logvar_0.exp()))
+            total += terms.flatten(1).sum(1).reshape(len(k), B).sum(0)
+        # nats per example → bits per dimension: ÷ ln 2 for bits, ÷ D so that data of any size compare (DDPM's unit).
+        return total / (D * math.log(2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -349,9 +414,8 @@ class Diffusion(nn.Module):
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal features of the timestep, as the Transformer's position encoding [DDPM §4].
 
-    Args: t (B,) int64, dim the feature size.  Returns: (B, dim) float32 [sin(t·f_i), cos(t·f_i)] with
-    frequencies f_i = max_period^(−i/half), i = 0 … half − 1, spread geometrically from 1 down to
-    max_period^(−(half − 1)/half), just above 1/max_period.
+    Args: t (B,) int64, dim the feature size.  Returns: (B, dim) float32 [sin(t·f_i), cos(t·f_i)] with frequencies
+    f_i = max_period^(−i/half), i = 0 … half − 1, spread geometrically from 1 down to just above 1/max_period.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -365,7 +429,6 @@ class ClassEmbedding(nn.Module):
 
     ∅ is a class like any other to the network: training shows it p_uncond of the time, in place of the true label,
     so that its vector comes to mean "any class" and ε_θ(x_t, t, ∅) becomes the unconditional model.
-
     forward(y, batch_size): y (B,) int64 with NULL_LABEL for ∅, or None for an all-∅ batch → (B, dim).
     """
 
@@ -445,7 +508,6 @@ class MLP(nn.Module):
 
 def group_norm(ch: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups of at least 4 channels each: DDPM's 32 groups of ≥ 4 at width ≥ 128.
-
     Narrow networks get fewer groups: a group of one channel would be instance norm, which erases each image's mean
     brightness from the features, and the network then cannot get backgrounds right.
     """
@@ -467,7 +529,10 @@ class ResBlock(nn.Module):
         self.emb_proj = nn.Linear(emb_dim, out_ch)
         self.norm2, self.dropout = group_norm(out_ch), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity, as in DDPM's code
+        # Zero weight and bias, as in DDPM's code: the residual branch starts at 0, so a block whose width does not
+        # change starts as the identity (where it does, the 1×1 skip is a random projection).
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):                                     # x (B, in_ch, H, W), emb (B, emb_dim)
@@ -613,12 +678,8 @@ UNET_PRESETS = {
 
 
 def build_unet(preset: str, in_ch: int, image_size: int, num_classes: int) -> UNet:
-    """A UNet from a preset name (see UNET_PRESETS).
-
-    Args: preset name, in_ch image channels, image_size the side the attention resolutions refer to, num_classes
-    (0 for an unconditional model).
-
-    """
+    """A UNet from a preset name (see UNET_PRESETS). Args: preset name, in_ch image channels, image_size the side
+    the attention resolutions refer to, num_classes (0 for an unconditional model)."""
     if preset not in UNET_PRESETS:
         raise ValueError(f"unknown U-Net preset {preset!r}; choose one of: {', '.join(UNET_PRESETS)}")
     return UNet(in_ch=in_ch, image_size=image_size, num_classes=num_classes, **UNET_PRESETS[preset])
@@ -648,8 +709,7 @@ class EMA:
     def update(self, step: int) -> None:
         # 0.1 at step 0 (the average is nearly the model), 0.9 at step 80, 0.999 at step 9,000, then `decay`.
         d = min(self.decay, (1 + step) / (10 + step))
-        # θ_ema += (1 − d)·(θ − θ_ema) for all parameters at once: PyTorch's EMA helper updates the whole list in one
-        # fused kernel, where a Python loop of lerp_ would launch a GPU kernel per tensor (hundreds for a U-Net).
+        # θ_ema += (1 − d)·(θ − θ_ema) in one fused kernel for the whole list (a loop: a GPU kernel per tensor).
         torch.optim.swa_utils.get_ema_multi_avg_fn(d)(*self.params, None)
         for ema_buffer, buffer in zip(*self.buffers):  # buffers (none in our networks) are copied, not averaged
             ema_buffer.copy_(buffer)
@@ -778,7 +838,7 @@ class TrainConfig:
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     threads: int = 0                # CPU threads for PyTorch (0: measure, one or all cores; OMP_NUM_THREADS wins)
     seed: int = 0                   # seeds the weights, the noise and the data order (and the samples drawn)
-    num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]; below ~50 see make_beta_schedule
+    num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]; small T: see make_beta_schedule
     schedule: str = "linear"        # noise schedule: linear [DDPM] or cosine [IDDPM]
     p_uncond: float = 0.1           # probability of training on the null label, for guidance [CFG: 0.1 to 0.2]
     steps: int = 10_000             # optimizer steps to train for (not epochs)

@@ -420,6 +420,100 @@ def test_ddim_step_noise_has_float64_precision():
         assert abs(sigma / expected - 1) < 2e-5, (k, sigma.item(), expected.item())
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The bound in bits per dimension, against closed forms
+# ----------------------------------------------------------------------------------------------------------------------
+
+def gaussian_bound_closed_form(schedule, T, mu, s, reverse_variances=None):
+    """E[L_T + Σ_{t>1} L_{t−1} + L_0] per dimension, in nats, for data N(mu, s²·I) and the exact ε-predictor, derived
+    here in float64 from the schedule alone. Given x_t, x_0 has variance v_t = s²(1 − ᾱ_t)/(ᾱ_t·s² + 1 − ᾱ_t) about
+    E[x_0 | x_t] = x̂_0, so with μ̃ − μ_θ = coef1_t·(x_0 − x̂_0) [Eq. 7] each KL between N(μ̃, β̃_t) and N(μ_θ, σ_t²)
+    averages ½(log(σ_t²/β̃_t) + β̃_t/σ_t² − 1 + coef1_t²·v_t/σ_t²), the Gaussian decoder ½(log 2πσ_1² + v_1/σ_1²), and
+    L_T = ½((1 − ᾱ_T) + ᾱ_T(mu² + s²) − 1 − log(1 − ᾱ_T)). Default σ_t² = β̃_t with β̃_2 at t = 1."""
+    betas = ddpm.make_beta_schedule(schedule, T)
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    post_var, coef1 = betas * (1 - abar_prev) / (1 - abar), abar_prev.sqrt() * betas / (1 - abar)
+    var = torch.cat([post_var[1:2], post_var[1:]]) if reverse_variances is None else reverse_variances
+    v = s ** 2 * (1 - abar) / (abar * s ** 2 + 1 - abar)
+    prior = 0.5 * ((1 - abar[-1]) + abar[-1] * (mu ** 2 + s ** 2) - 1 - torch.log(1 - abar[-1]))
+    kls = 0.5 * (torch.log(var[1:] / post_var[1:]) + post_var[1:] / var[1:] - 1 + coef1[1:] ** 2 * v[1:] / var[1:])
+    decoder = 0.5 * (math.log(2 * math.pi) + torch.log(var[0]) + v[0] / var[0])
+    return (prior + kls.sum() + decoder).item()
+
+
+@pytest.mark.parametrize("schedule, T", [("cosine", 100), ("linear", 300)])
+def test_nll_bound_of_the_exact_model_of_gaussian_data_matches_its_closed_form(schedule, T):
+    """For Gaussian data N(mu, s²·I) and its exact ε-predictor, the mean of nll_bound over 2,000 examples equals the
+    expected bound derived independently in float64 (gaussian_bound_closed_form), within 5 standard errors of the
+    mean (its Monte-Carlo error over x_0 and the one x_t per term, measured from the spread of the examples); and the
+    bound lies above the true −log p(x_0) of the same examples by far more than that error (with σ_t² = β̃_t it is
+    not tight, even for the exact model)."""
+    mu, s, n, D = 0.5, 0.2, 2000, 16
+    d = ddpm.Diffusion(T, schedule)
+    oracle = MixtureOracle(d, [[mu] * D], [s], [1.0])
+    torch.manual_seed(0)
+    x0 = mu + s * torch.randn(n, D)
+    bpd = d.nll_bound(oracle, x0)
+    assert bpd.shape == (n,) and bpd.dtype == torch.float64
+    nats = bpd * math.log(2)                                      # per dimension
+    se = nats.std().item() / math.sqrt(n)
+    expected = gaussian_bound_closed_form(schedule, T, mu, s)
+    assert abs(nats.mean().item() - expected) < 5 * se, (nats.mean().item(), expected, se)
+    true_nll = (0.5 * math.log(2 * math.pi * s ** 2) + (x0.double() - mu) ** 2 / (2 * s ** 2)).mean().item()
+    assert nats.mean().item() - true_nll > 20 * se
+    assert expected > 0.5 * math.log(2 * math.pi * math.e * s ** 2)  # the data's entropy per dimension
+
+
+def test_gaussian_bound_is_the_true_nll_with_the_exact_reverse_variances():
+    """The closed form of the test above is itself checked: for N(0, I) data the true reverse step q(x_{t−1} | x_t)
+    is N(√α_t·x_t, β_t·I), so with σ_t² = β_t (and Var(x_0 | x_1) = β_1 at t = 1) the model is exact except for
+    p(x_T) = N(0, I) against q(x_T) = N(0, I): the bound equals the entropy ½·log(2πe) to float64 rounding; with
+    β̃_t it is larger."""
+    for schedule, T in (("linear", 1000), ("cosine", 100)):
+        exact = gaussian_bound_closed_form(schedule, T, 0.0, 1.0, ddpm.make_beta_schedule(schedule, T))
+        assert abs(exact - 0.5 * math.log(2 * math.pi * math.e)) < 1e-9
+        assert gaussian_bound_closed_form(schedule, T, 0.0, 1.0) > exact + 0.1
+
+
+def test_discretized_decoder_is_a_distribution_over_the_256_levels():
+    """DDPM's decoder [Eq. 13] for 8-bit data: for any mean (inside or outside [−1, 1]) and scale, the probabilities
+    of the 256 levels 2k/255 − 1 sum to 1 (float64 rounding: 1e-12), also for a scale far below the bin width; and
+    the discrete bound of a small U-Net on 8-bit images is finite and at least 0 per example (every term is a KL or
+    −log of a probability)."""
+    levels = torch.arange(256) * 2 / 255 - 1
+    for mean in (-1.3, -1.0, 0.0, 0.37, 0.999):
+        for scale in (1e-4, 1e-3, 0.05, 1.0, 5.0):
+            p = ddpm.discretized_gaussian_log_likelihood(levels, torch.full((256,), mean),
+                                                         torch.full((256,), math.log(scale))).exp()
+            assert abs(p.sum().item() - 1) < 1e-12 and (p >= 0).all(), (mean, scale)
+    torch.manual_seed(0)
+    unet = ddpm.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                     image_size=8, num_classes=3).eval()
+    images = torch.randint(0, 256, (6, 1, 8, 8)).float() / 127.5 - 1
+    bpd = ddpm.Diffusion(20).nll_bound(unet, images, y=torch.arange(6) % 3, discrete=True)
+    assert bpd.shape == (6,) and bpd.isfinite().all() and (bpd >= 0).all()
+
+
+def test_ddim_refuses_eta_outside_0_to_1():
+    """DDIM's step needs σ_τ² ≤ 1 − ᾱ_prev [DDIM Eq. 12], which η ≤ 1 guarantees: η = 1.2 (where, on the cosine
+    schedule with 10 steps, several steps would break it) and η < 0 are refused with one line; η = 1 runs."""
+    d, model = ddpm.Diffusion(100, "cosine"), ddpm.MLP(2, 16, 1)
+    for eta in (1.2, -0.1):
+        with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+            d.ddim_sample(model, (4, 2), steps=10, eta=eta)
+    assert d.ddim_sample(model, (4, 2), steps=10, eta=1.0).shape == (4, 2)
+
+
+def test_resblock_starts_as_the_identity_where_its_width_stays():
+    """ResBlock's last convolution starts with zero weight and zero bias (as DDPM's code), so a block whose width
+    does not change returns its input exactly at initialisation, whatever the embedding."""
+    torch.manual_seed(0)
+    block = ddpm.ResBlock(16, 16, 32, dropout=0.0)
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(block(x, torch.randn(2, 32)), x)
+
+
 def part_one_module():
     """ddpm.py from its first line to the '# PART II' banner, executed alone as a fresh module."""
     import types
@@ -1033,6 +1127,11 @@ def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
     printed = capsys.readouterr().out
     distance = float(printed.split("energy distance to fresh moons: ")[1].split()[0])
     assert distance < 0.01
+    # The bound of the model's −log likelihood cannot lie below the data's entropy (cross-entropy ≥ entropy): both
+    # are means over the same 2,000 fresh points, so compare them within 4 of their combined standard errors.
+    bound, bound_se, entropy, entropy_se = map(float, re.search(
+        r"fresh moons: (\S+) ± (\S+) bits/dim \(the moons' own entropy, the floor: (\S+) ± (\S+)\)", printed).groups())
+    assert bound > entropy - 4 * math.hypot(bound_se, entropy_se) and 0 < entropy_se < 0.05
     real, _ = train_moons.make_moons(2000, 0.05, torch.Generator().manual_seed(9))
     gaussian = real.mean(0) + real.std(0) * torch.randn(2000, 2, generator=torch.Generator().manual_seed(10))
     assert train_moons.energy_distance(gaussian, real) > 0.02
@@ -1053,6 +1152,23 @@ def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--sample-steps 150 exceeds the 100 timesteps this model was trained with" in err
+
+
+def test_moons_density_is_a_density_with_the_entropy_of_thin_arcs():
+    """moons_log_density is the density make_moons draws from: it integrates to 1 over the plane (a 0.01 grid, far
+    finer than the noise 0.1, within 1e-3); a class's density likewise; and for thin moons (noise 0.01) the entropy
+    −E log p is that of a uniform law along the two arcs' total length 2π times a 1-D Gaussian across them,
+    log 2π + ½·log(2πe·0.01²), within 4 standard errors of its Monte-Carlo mean over 20,000 fresh points plus 0.005
+    for the arcs' ends and curvature (of order noise/π)."""
+    xs, ys = torch.arange(-1.6, 2.6, 0.01), torch.arange(-1.2, 1.7, 0.01)
+    grid = torch.cartesian_prod(xs, ys)
+    for labels in (None, torch.zeros(len(grid), dtype=torch.long), torch.ones(len(grid), dtype=torch.long)):
+        mass = train_moons.moons_log_density(grid, 0.1, labels, nodes=400).exp().sum().item() * 0.01 ** 2
+        assert abs(mass - 1) < 1e-3, mass
+    points, _ = train_moons.make_moons(20_000, 0.01, torch.Generator().manual_seed(0), balanced=False)
+    log_p = train_moons.moons_log_density(points, 0.01)
+    thin = math.log(2 * math.pi) + 0.5 * math.log(2 * math.pi * math.e * 0.01 ** 2)
+    assert abs(-log_p.mean().item() - thin) < 4 * log_p.std().item() / math.sqrt(len(points)) + 0.005
 
 
 def test_expected_energy_distance_is_the_mean_over_independent_real_sets():

@@ -11,7 +11,9 @@
     python train_moons.py --help            # every setting, with its default
 
 At the end it prints the share of samples off the arcs (the haze between the moons) and the energy distance between
-the samples and fresh moons, each beside what fresh real moons give: the closer, the better the model.
+the samples and fresh moons, each beside what fresh real moons give: the closer, the better the model. Then the
+bound on the EMA model's −log likelihood [DDPM Eq. 5] of fresh moons, in bits per dimension, beside the entropy of the
+moons distribution itself (from its known density), which no model's average −log likelihood can go below.
 """
 import math
 import sys
@@ -121,6 +123,45 @@ def expected_energy_distance(real: torch.Tensor, labels: torch.Tensor | None = N
     return 2 * (torch.cdist(real, real) * pairs).sum().item() / pairs.sum().item() / n
 
 
+def moons_log_density(points: torch.Tensor, noise: float, labels: torch.Tensor | None = None,
+                      nodes: int = 2000) -> torch.Tensor:
+    """log p(x) of the distribution make_moons draws from, at each of points (n, 2), in nats: each arc has probability
+    ½ and its angle θ is uniform on [0, π], so p(x) = ½·Σ_arcs (1/π)·∫_0^π N(x; arc(θ), noise²·I) dθ; the integral by
+    the midpoint rule on `nodes` angles (spaced π/nodes along arcs of radius 1, far below the noise).
+    labels (n,): log p(x | arc) instead, the density class-conditional samples are drawn from. Returns (n,) float64."""
+    theta = (torch.arange(nodes, dtype=torch.float64) + 0.5) * math.pi / nodes
+    arcs = torch.stack([torch.stack([theta.cos(), theta.sin()], 1),
+                        torch.stack([1 - theta.cos(), 0.5 - theta.sin()], 1)])         # (2, nodes, 2): upper, lower
+    out = []
+    for chunk in points.double().split(256):  # (256, 2, nodes) squared distances at a time
+        d2 = ((chunk[:, None, None] - arcs[None]) ** 2).sum(-1)
+        log_arc = torch.logsumexp(-d2 / (2 * noise ** 2), dim=2) - math.log(nodes * 2 * math.pi * noise ** 2)
+        out.append(log_arc)                                                            # (256, 2): log p(x | arc)
+    log_arc = torch.cat(out)
+    if labels is not None:
+        return log_arc.gather(1, labels[:, None]).squeeze(1)
+    return torch.logsumexp(log_arc, dim=1) - math.log(2)
+
+
+def bits_per_dim_report(diffusion, model, cfg: "MoonsConfig", mean: torch.Tensor, std: torch.Tensor) -> str:
+    """The bound [DDPM Eq. 5] of `model` on fresh moons (−log p_θ(x_0), or −log p_θ(x_0 | y) with --class-cond), in
+    bits per dimension of the data's own coordinates, beside the moons' entropy per dimension H/(2·ln 2), both as
+    mean ± standard error over cfg.num_samples fresh points. The model sees standardised points z = (x − mean)/std,
+    so −log p(x) = −log p(z) + Σ_i log std_i."""
+    n = cfg.num_samples
+    real, labels = make_moons(n, cfg.noise, torch.Generator().manual_seed(cfg.seed + 2), balanced=cfg.class_cond)
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)  # the x_t of each term of the bound
+    bpd = diffusion.to(device).nll_bound(model, ((real - mean) / std).to(device),
+                                         labels.to(device) if cfg.class_cond else None).cpu()
+    bpd = bpd + std.double().log2().sum() / 2
+    line = f"bound on −log likelihood of {n:,} fresh moons: {bpd.mean():.3f} ± {bpd.std() / math.sqrt(n):.3f} bits/dim"
+    if cfg.noise == 0:
+        return line + " (noise 0: the moons have no density, so no entropy to compare with)"
+    h = -moons_log_density(real, cfg.noise, labels if cfg.class_cond else None) / (2 * math.log(2))
+    return line + f" (the moons' own entropy, the floor: {h.mean():.3f} ± {h.std() / math.sqrt(n):.3f})"
+
+
 def plot_points(panels, path: Path) -> None:
     """Scatter plots side by side: panels is a list of (title, points (n, 2))."""
     import matplotlib
@@ -220,6 +261,7 @@ def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
     print(f"energy distance to fresh moons: {energy_distance(samples, real):.5f} "
           f"(two such real sets of {n:,}: {expected_energy_distance(real, labels if cfg.class_cond else None):.5f} "
           f"on average)")
+    print(bits_per_dim_report(diffusion, model, cfg, mean, std))
 
 
 if __name__ == "__main__":
