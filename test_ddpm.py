@@ -1762,7 +1762,7 @@ def test_docs_pictures_and_links_exist():
 
 def test_docs_exercise_checks_run():
     """Each exercise's `Check:` code in docs/ runs, pasted as it stands into a fresh namespace (it imports what it
-    uses), and its assertions hold against this ddpm.py (chapters 1 to 4 have at least one each). The global random
+    uses), and its assertions hold against this ddpm.py (chapters 1 to 5 have at least one each). The global random
     state is restored afterwards."""
     found = {}
     for path in DOC_FILES:
@@ -1770,8 +1770,8 @@ def test_docs_exercise_checks_run():
             found[path.name] = found.get(path.name, 0) + 1
             with torch.random.fork_rng():
                 exec(compile(code, f"{path.name}, check {i + 1}", "exec"), {})
-    chapters = [p.name for p in DOC_FILES if re.match(r"0[1-4]_", p.name)]
-    assert len(chapters) == 4 and all(found.get(name, 0) >= 1 for name in chapters), found
+    chapters = [p.name for p in DOC_FILES if re.match(r"0[1-5]_", p.name)]
+    assert len(chapters) == 5 and all(found.get(name, 0) >= 1 for name in chapters), found
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -117,26 +117,33 @@ def figure_schedules() -> None:
 
 
 def figure_posterior_variance() -> None:
-    """β_t and β̃_t, the two natural choices of σ_t², for the linear schedule at T = 1000."""
-    d = ddpm.Diffusion(1000, "linear")
-    t = torch.arange(1, 1001)
+    """β_t and β̃_t, the two natural choices of σ_t², and their ratio, for the linear schedule at T = 1000 and for the
+    moons' schedule (cosine, T = 100), where far more steps have a ratio above 1.1 (chapter 3.2)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot(t, d.betas, label="$\\beta_t$ (fixedlarge)")
-    ax1.plot(t, d.posterior_variance, label="$\\tilde\\beta_t$ (used here)", ls="--")
+    for (schedule, T), colour in zip((("linear", 1000), (MOONS.schedule, MOONS.num_timesteps)), ("C0", "C1")):
+        d, t = ddpm.Diffusion(T, schedule), torch.arange(1, T + 1)
+        ax1.plot(t, d.betas, color=colour, label=f"$\\beta_t$, {schedule} T = {T}")
+        ax1.plot(t, d.posterior_variance, color=colour, ls="--", label=f"$\\tilde\\beta_t$, {schedule} T = {T}")
+        ratio = d.betas[1:] / d.posterior_variance[1:]  # β̃_1 = 0: the ratio starts at t = 2
+        ax2.plot(t[1:], ratio, color=colour, label=f"{schedule} T = {T}: {int((ratio > 1.1).sum())} steps above 1.1")
     ax1.set(xlabel="t", ylabel="variance", xscale="log", yscale="log", title="the two choices of $\\sigma_t^2$")
-    ratio = d.betas[1:] / d.posterior_variance[1:]  # β̃_1 = 0: the ratio starts at t = 2
-    ax2.plot(t[1:], ratio)
+    ax2.axhline(1.1, color="grey", lw=0.8, ls=":")
     ax2.set(xlabel="t", ylabel="$\\beta_t / \\tilde\\beta_t$", xscale="log", title="their ratio")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    ax1.legend()
+        ax.legend(fontsize=7)
     save(fig, "fig_posterior_variance.png")
+
+
+def moons_t_grid(T: int) -> list:
+    """The paper t at which both moons figures, forward and reverse, show x_t: one grid, so that they compare."""
+    return [0, T // 20, T // 10, T // 5, 2 * T // 5, 3 * T // 5, T]
 
 
 def figure_moons_forward(points: torch.Tensor) -> None:
     """Histograms of q(x_t) for the standardised moons at several t: the data dissolve into N(0, I)."""
     d, T = ddpm.Diffusion(MOONS.num_timesteps, MOONS.schedule), MOONS.num_timesteps
-    paper_ts = [0, T // 20, T // 10, T // 5, 2 * T // 5, 3 * T // 5, T]
+    paper_ts = moons_t_grid(T)
     g = torch.Generator().manual_seed(1)
     fig, axes = plt.subplots(1, len(paper_ts), figsize=(2.1 * len(paper_ts), 2.9))
     for ax, t_paper in zip(axes, paper_ts):
@@ -199,7 +206,7 @@ def figure_moons_reverse(diffusion, model) -> None:
     T = diffusion.num_timesteps
     _, trajectory = diffusion.sample(model, (2000, 2), generator=torch.Generator().manual_seed(0),
                                      return_trajectory=True)          # (T + 1, 2000, 2): x_T, x_{T−1}, …, x_0
-    paper_ts = [T, T * 3 // 4, T // 2, T // 4, T // 8, T // 20, 0]
+    paper_ts = moons_t_grid(T)[::-1]                                  # the forward figure's t, from T down
     fig, axes = plt.subplots(1, len(paper_ts), figsize=(2.1 * len(paper_ts), 2.9))
     for ax, t_paper in zip(axes, paper_ts):
         x_t = trajectory[T - t_paper]                                 # trajectory[i] is x_t at paper t = T − i
