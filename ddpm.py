@@ -2218,13 +2218,16 @@ class ImageConfig(TrainConfig):
     dump_samples: int = 0           # write this many class-balanced single PNGs (for FID tools) into --dump-dir
     dump_dir: str = ""              # an empty or new folder for --dump-samples (default: <out-dir>/dump)
     bench: bool = False             # time ~50 training steps on random data: img/s, FLOPs, TFLOP/s, peak memory
+    nll: int = -1                   # held-out images whose bound in bits/dim is printed (-1: 100 on a GPU, 10 on a CPU
+    #                                 after training, none with --sample-only; 0: none); each costs T network calls
 
     RESUMABLE: ClassVar[frozenset] = TrainConfig.RESUMABLE | {"data_dir", "data", "label", "dump_samples", "dump_dir",
-                                                              "bench"}
-    PER_CALL: ClassVar[frozenset] = TrainConfig.PER_CALL | {"dump_samples", "dump_dir", "bench"}
+                                                              "bench", "nll"}
+    PER_CALL: ClassVar[frozenset] = TrainConfig.PER_CALL | {"dump_samples", "dump_dir", "bench", "nll"}
     CHOICES: ClassVar[dict] = {**TrainConfig.CHOICES, "model": tuple(UNET_PRESETS), "channels": (1, 3),
                                "sampler": ("auto", "ddpm", "ddim")}
-    AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0, "sample_steps": 0}
+    AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0, "sample_steps": 0,
+                                "nll": -1}
     METAVARS: ClassVar[dict] = {**TrainConfig.METAVARS, "data_dir": "DIR", "data": "FOLDER", "dump_dir": "DIR",
                                 "label": "CLASS"}
 
@@ -2289,9 +2292,9 @@ def _image_opens(path) -> bool:
         return False
 
 
-def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str):
-    """The training split of a torchvision data set (MNIST, CIFAR10, ...), downloaded into cfg.data_dir unless it is
-    there already. Offline, a UserError says which files to put where (offline_files) instead of a traceback, and
+def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str, train: bool = True):
+    """The training split (or with train=False the test split) of a torchvision data set (MNIST, CIFAR10, ...),
+    downloaded into cfg.data_dir unless it is there already. Offline, a UserError says which files to put where (offline_files) instead of a traceback, and
     the empty folders the attempt created are removed again."""
     root = Path(cfg.data_dir)
     if root.exists() and not root.is_dir():
@@ -2301,7 +2304,7 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str):
 
     def fetch():
         try:
-            return dataset_cls(cfg.data_dir, train=True, download=True)
+            return dataset_cls(cfg.data_dir, train=train, download=True)
         except (OSError, RuntimeError) as e:  # offline: URLError (an OSError) or torchvision's RuntimeError
             created = [p for p in [root, *root.rglob("*")] if p.is_dir() and p not in folders_before]
             for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first
@@ -2313,7 +2316,7 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str):
 
     dataset = on_rank_0(fetch)  # under torchrun, process 0 downloads while the others wait; they then find the files
     dataset = fetch() if dataset is None else dataset
-    print(f"data: {len(dataset):,} {dataset_cls.__name__} training images from {cfg.data_dir}")
+    print(f"data: {len(dataset):,} {dataset_cls.__name__} {'training' if train else 'test'} images from {cfg.data_dir}")
     return dataset
 
 
@@ -2503,9 +2506,41 @@ def warn_if_gpu_sized(model: nn.Module, diffusion: Diffusion, data: Data, cfg: I
           f"on a CPU try --model mnist (1.1M parameters) or fewer --steps", file=sys.stderr)
 
 
+def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: Callable) -> float | None:
+    """Prints the variational bound on −log p_θ(x_0) [DDPM Eqs. 5, 13] of the EMA model in bits/dim, the mean over
+    cfg.nll held-out images (a fixed random subset, seeded by cfg.seed) with its standard error: the number of DDPM's
+    Table 2 (≤ 3.70 on CIFAR-10's test set). The labels are left out (y = ∅, the unconditional model that guidance
+    trains along), as DDPM's model had none. The held-out images: the built-in test split, or for --data .../train
+    a sibling folder named test. Returns the mean, or None when there is no held-out split."""
+    n = cfg.nll if cfg.nll >= 0 else 100 if diffusion.betas.device.type == "cuda" else 10
+    if not cfg.data:
+        test = load_builtin(cfg, train=False)
+    elif Path(cfg.data).name == "train" and (Path(cfg.data).parent / "test").is_dir():
+        test = load_image_folder(dataclasses.replace(cfg, data=str(Path(cfg.data).parent / "test")))
+    else:
+        print("bits/dim: not computed (no held-out images; for --data DIR/train, a folder DIR/test gives them)")
+        return None
+    idx = torch.randperm(len(test.x), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+    x0 = test.x[idx].float() / 127.5 - 1                                     # pixels {0..255} → [−1, 1], (N, C, H, W)
+    device, bits = diffusion.betas.device, []
+    size = max(1, min(len(x0), 2**16 // x0[0].numel()))                        # images per call of nll_bound
+    what = f"bits/dim of the EMA model on {len(x0)} held-out images (T = {diffusion.num_timesteps} terms each)"
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+            Progress(what, len(x0), " images") as progress:
+        torch.manual_seed(cfg.seed)  # the x_t of each term: the same number from the same command
+        for chunk in x0.split(size):
+            bits.append(diffusion.nll_bound(model, chunk.to(device), discrete=True).cpu())
+            progress.advance(len(chunk))
+    bits = torch.cat(bits)
+    error = bits.std().item() / math.sqrt(len(bits)) if len(bits) > 1 else float("nan")
+    print(f"bits/dim: {bits.mean().item():.3f} ± {error:.3f} (bound on −log p(x), no labels; DDPM on CIFAR-10 "
+          f"after 800k steps: ≤ 3.70)")
+    return bits.mean().item()
+
+
 def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None = None) -> None:
-    """main() of train_mnist.py and train_cifar.py. load_builtin(cfg) -> Data loads the torchvision data set; ckpt
-    is the run's checkpoint when cli has read it.
+    """main() of train_mnist.py and train_cifar.py. load_builtin(cfg, train=True) -> Data loads the torchvision data
+    set (train=False: its test split); ckpt is the run's checkpoint when cli has read it.
 
     --bench times training on random data; --sample-only samples a saved run; otherwise train (or resume), then
     write samples.png (one row per class), reverse.png, loss.png and, with --dump-samples, single PNGs.
@@ -2551,12 +2586,16 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
 
         model = train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
     cfg = resolve_sampler(cfg, diffusion.betas.device)  # the names of the files say what was drawn
-    # --sample-only --dump-samples asks for the files alone: no grid first (minutes on a CPU for a 100-image one).
-    if process_rank()[0] == 0 and not (cfg.sample_only and cfg.dump_samples):  # process 0 alone draws pictures
+    # --sample-only --dump-samples or --nll N asks for the files or the number alone: no grid first (minutes on a
+    # CPU for a 100-image one).
+    alone = cfg.sample_only and (cfg.dump_samples or cfg.nll > 0)
+    if process_rank()[0] == 0 and not alone:  # process 0 alone draws pictures
         if not cfg.sample_only:
             plot_loss(out_dir)
         grid, reverse = output_path(cfg, "samples.png"), output_path(cfg, "reverse.png")
         save_class_grid(diffusion, model, cfg, class_names, labels, grid, f"{cfg.sampler}, guidance {cfg.guidance:g}")
         save_reverse_picture(diffusion, model, cfg, class_names, labels, reverse)
+    if process_rank()[0] == 0 and (cfg.nll > 0 or (cfg.nll < 0 and not cfg.sample_only)):
+        held_out_bound(diffusion, model, cfg, load_builtin)
     if cfg.dump_samples:
         dump_samples(diffusion, model, cfg, class_names, labels, dump_dir)

@@ -1304,6 +1304,33 @@ def test_image_script_trains_resumes_samples_and_dumps(tmp_path, script, monkeyp
     assert 300 <= width <= 1500 and 0.7 <= width / height <= 1.4, (width, height)
 
 
+def test_image_scripts_print_the_held_out_bound(tmp_path, capsys):
+    """A run on --data DIR/train prints the bound of its EMA model on images of DIR/test in bits/dim after training;
+    --sample-only --nll N prints it alone (no picture drawn), the same number for the same seed: the subset and the
+    x_t of each term are seeded. For 8-bit images the discretized decoder gives probabilities ≤ 1, so −log p ≥ 0 and
+    so is the bound. A --data folder without a test sibling says why no bound is printed."""
+    make_image_folder(tmp_path / "set" / "train")
+    make_image_folder(tmp_path / "set" / "test", per_class=3)
+    out = tmp_path / "run"
+    common = ["--out-dir", str(out), "--model", "tiny", "--image-size", "16", "--batch-size", "4",
+              "--num-timesteps", "20", "--num-samples", "3", "--device", "cpu"]
+    args = ["--data", str(tmp_path / "set" / "train"), "--steps", "3", "--nll", "4"] + common
+    assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, args) == 0
+    after_training = capsys.readouterr().out
+    bound = lambda text: [float(x) for x in re.findall(r"^bits/dim: (\S+) ± (\S+)", text, flags=re.M)[0]]
+    assert "held-out images" in after_training and bound(after_training)[0] > 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    only = ["--out-dir", str(out), "--sample-only", "--nll", "4"]
+    assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, only) == 0
+    first = capsys.readouterr().out
+    assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, only) == 0
+    assert bound(first) == bound(capsys.readouterr().out) == bound(after_training)
+    assert "drawing" not in first and before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    elsewhere = ["--data", str(make_image_folder(tmp_path / "flat")), "--steps", "2", "--overwrite"] + common
+    assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, elsewhere) == 0
+    assert "bits/dim: not computed (no held-out images" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("script", [train_mnist, train_cifar])
 def test_offline_download_is_a_one_line_error(tmp_path, script, monkeypatch, capsys):
     """Without network the built-in data set cannot download: one line saying which files to put where, status 1,

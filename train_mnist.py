@@ -43,12 +43,13 @@ class MnistConfig(ddpm.ImageConfig):
     guidance: float = 2.0           # classifier-free guidance weight w; 2: clearly the digit asked for, still varied
 
 
-def load_mnist(cfg: MnistConfig) -> ddpm.Data:
-    """MNIST's 60,000 training digits as uint8 (N, 1, 28, 28), downloaded into cfg.data_dir if not there."""
+def load_mnist(cfg: MnistConfig, train: bool = True) -> ddpm.Data:
+    """MNIST's 60,000 training digits (train=False: the 10,000 test digits) as uint8 (N, 1, 28, 28), downloaded into
+    cfg.data_dir if not there."""
     from torchvision import datasets
     mnist = ddpm.download_dataset(datasets.MNIST, cfg, f"the four files train-images-idx3-ubyte, "
                                                        f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-                                                       f"t10k-labels-idx1-ubyte into {cfg.data_dir}/MNIST/raw/")
+                                                       f"t10k-labels-idx1-ubyte into {cfg.data_dir}/MNIST/raw/", train)
     return ddpm.Data(mnist.data[:, None], mnist.targets, tuple(str(i) for i in range(10)), hflip=cfg.hflip)
 
 
