@@ -1176,7 +1176,7 @@ def atomic_write(path: Path, write: Callable, before_replace: Callable | None = 
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except BaseException:          # including a second Ctrl-C: never leave the half-written file behind
+    except BaseException:          # including a third Ctrl-C: never leave the half-written file behind
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
@@ -2022,8 +2022,8 @@ class SurvivingStdout:
 def cli(config_cls, main: Callable, argv=None) -> int:
     """Runs main(cfg, ckpt) with cfg parsed from the command line (ckpt: the run's checkpoint, read once, for
     --resume and --sample-only; else None), and returns the process exit status (EXIT_STATUS): 130 or 143 after
-    the first signal with a checkpoint of the step reached (the printed command resumes it), after a second one at
-    once, with the last checkpoint written before intact."""
+    the first signal with a checkpoint of the step reached (the printed command resumes it), after a third one at
+    once (see StopOnSignal), with the last checkpoint written before intact."""
     script = sys.modules.get(getattr(main, "__module__", ""), None)
     examples = (script.__doc__ or "").split("\n\n", 1)[1:] if script else []  # the script's docstring, but its title
     epilog = "".join(f"examples and outputs:\n{text}\n" for text in examples) + EXIT_STATUS

@@ -2232,8 +2232,8 @@ def test_messages_say_what_to_do(tmp_path, capsys):
     assert status == 1 and "--seed (checkpoint 0, now 3: this data is drawn from the seed" in err, err
 
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('pid 1 on elsewhere'); f.flush(); "
-                               "print('locked', flush=True); time.sleep(60)", str(out / "train.lock")],
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('pid 1 on elsewhere'); "
+                               "f.flush(); print('locked', flush=True); time.sleep(60)", str(out / "train.lock")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
