@@ -13,7 +13,7 @@ signals, the resumable loop, benchmark, the image experiments. It builds on Part
 
 Run it (README.md has the details and measured times):
     python train_moons.py              # 2-D toy data, about 20 s on a 2-core CPU
-    python train_mnist.py              # class-conditional digits, about 15 minutes on a 2-core CPU
+    python train_mnist.py              # class-conditional digits, about 10 minutes on a 2-core CPU
     python train_cifar.py --resume     # class-conditional CIFAR-10, a GPU job; resumable at any time
     python -m pytest                   # the tests (test_ddpm.py), a few minutes on a CPU
 
@@ -2523,7 +2523,7 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     idx = torch.randperm(len(test.x), generator=torch.Generator().manual_seed(cfg.seed))[:n]
     x0 = test.x[idx].float() / 127.5 - 1                                     # pixels {0..255} → [−1, 1], (N, C, H, W)
     device, bits = diffusion.betas.device, []
-    size = max(1, min(len(x0), 2**16 // x0[0].numel()))                        # images per call of nll_bound
+    size = max(1, min(len(x0), 2**14 // x0[0].numel()))  # images per call of nll_bound: progress every few seconds
     what = f"bits/dim of the EMA model on {len(x0)} held-out images (T = {diffusion.num_timesteps} terms each)"
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
             Progress(what, len(x0), " images") as progress:
