@@ -2099,6 +2099,8 @@ class Progress:
     manager it ends the line, with the time taken, or with "stopped" when an exception leaves it."""
 
     def __init__(self, what: str, total: int, unit: str = "", every: float = 1.0):
+        # In a terminal the line updates in place; in a log file every update is kept, so there a few a minute.
+        every = every if getattr(sys.stdout, "isatty", lambda: False)() else max(every, 20.0)
         self.what, self.total, self.unit, self.every, self.done = what, total, unit, every, 0
         self.start = self.shown = time.perf_counter()
 

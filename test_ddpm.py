@@ -2265,3 +2265,14 @@ def test_messages_say_what_to_do(tmp_path, capsys):
         assert status == 1 and message in err and err.count("\n") == 1, err
     reason = RuntimeError("Error downloading x.gz:\nTried https://a/, got:\n<urlopen error [Errno -3] no name>\n")
     assert ddpm.one_line(reason) == "Error downloading x.gz: <urlopen error [Errno -3] no name>"
+
+
+def test_progress_in_a_log_file_keeps_a_few_updates(capsys):
+    """Written to a file or pipe (not a terminal), a progress line is not repeated at every step, where each update
+    would stay in the log: 1,000 quick steps leave the announcement and the final count alone."""
+    with ddpm.Progress("drawing x.png", 1000, " steps", every=0.0) as progress:
+        for _ in range(1000):
+            progress.advance()
+    out = capsys.readouterr().out
+    assert out.count("drawing x.png") == 2 and out.startswith("\rdrawing x.png: 0/1,000 steps")
+    assert "1,000/1,000 steps (" in out and out.endswith(" s)\n")
