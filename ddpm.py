@@ -849,7 +849,7 @@ class TrainConfig:
     weight_decay: float = 0.0       # AdamW weight decay (0 is plain Adam, as in DDPM)
     grad_clip: float = 1.0          # clip the gradient norm to this (0: no clipping) [DDPM: 1]
     ema_decay: float = 0.9999       # decay of the moving average of the weights that samples come from [DDPM: 0.9999]
-    amp: str = "auto"               # mixed precision: auto (bf16 for images on a GPU or CPU with native bf16), bf16, none
+    amp: str = "auto"               # mixed precision: auto (bf16 for images on hardware with native bf16), bf16, none
     compile: bool = False           # torch.compile the model for training (checkpoints keep the plain weights)
     max_bad_steps: int = 5          # stop after this many NaN/Inf losses in a row (each such step is skipped)
     log_every: int = 100            # print a log line and append a row to metrics.csv every N steps
@@ -1602,10 +1602,11 @@ def resume_command() -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bfloat16 in hardware: a CUDA GPU that supports it (Ampere and later), or an x86
-    CPU with AMX or AVX-512 BF16 (read from Linux's /proc/cpuinfo; other systems: False, not measured here)."""
+    """Whether the device computes bfloat16 in hardware: a CUDA GPU of compute capability 8.0 or more (Ampere and
+    later; older ones only emulate it), or an x86 CPU with AMX or AVX-512 BF16 (read from Linux's /proc/cpuinfo;
+    other systems, MPS included: False, not measured here)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     try:
         flags = Path("/proc/cpuinfo").read_text().split() if device.type == "cpu" else []
     except OSError:
@@ -1616,7 +1617,8 @@ def native_bf16(device: torch.device) -> bool:
 @dataclass(frozen=True)
 class FastPath:
     """How a run computes, chosen once from the flags, the device and the data: a function of these alone, so the
-    same command on the same machine computes the same numbers (and a resume, the same as the run it continues)."""
+    same command on the same machine computes the same numbers, and a resume there computes as the run it continues
+    (--amp auto is saved as "auto": resumed on other hardware, it decides again)."""
     amp: torch.dtype | None  # autocast dtype: torch.bfloat16, or None for plain float32
     channels_last: bool      # images in NHWC memory order
     fused_adam: bool         # AdamW's fused kernel: all parameters in a few passes instead of a loop per tensor
@@ -1983,7 +1985,8 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     per = f" ({img_per_s / trainer.world:,.0f} per {where}, {trainer.world} processes)" if trainer.world > 1 else ""
     fast = trainer.fast
     print(f"bench: {params / 1e6:.1f}M parameters | batch {cfg.batch_size} | amp {'bf16' if fast.amp else 'none'} | "
-          f"channels-last {fast.channels_last} | fused AdamW {fast.fused_adam} | compile {cfg.compile} | {steps} steps in {seconds:.2f} s | {img_per_s:,.0f} img/s{per} | "
+          f"channels-last {fast.channels_last} | fused AdamW {fast.fused_adam} | compile {cfg.compile} | "
+          f"{steps} steps in {seconds:.2f} s | {img_per_s:,.0f} img/s{per} | "
           f"{flops_per_image / 1e9:.2f} GFLOP/img (fwd+bwd) | {tflops:.1f} TFLOP/s | "
           f"{peak:.2f} GiB peak {where} memory")
     return {"img_per_s": img_per_s, "flops_per_image": flops_per_image, "tflops": tflops, "peak_gib": peak}
@@ -2114,7 +2117,7 @@ class Progress:
 
     def advance(self, n: int = 1) -> None:
         self.done += n
-        if time.perf_counter() > self.shown + self.every:  # a few updates a second at most, even into a log file
+        if time.perf_counter() > self.shown + self.every:  # a few a second in a terminal, one per 20 s in a log
             self.shown = time.perf_counter()
             self._show()
 
@@ -2296,8 +2299,8 @@ def _image_opens(path) -> bool:
 
 def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str, train: bool = True):
     """The training split (or with train=False the test split) of a torchvision data set (MNIST, CIFAR10, ...),
-    downloaded into cfg.data_dir unless it is there already. Offline, a UserError says which files to put where (offline_files) instead of a traceback, and
-    the empty folders the attempt created are removed again."""
+    downloaded into cfg.data_dir unless it is there already. Offline, a UserError says which files to put where
+    (offline_files) instead of a traceback, and the empty folders the attempt created are removed again."""
     root = Path(cfg.data_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {root} is a file, not a folder; give the folder to download the data set into "
@@ -2522,6 +2525,8 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     else:
         print("bits/dim: not computed (no held-out images; for --data DIR/train, a folder DIR/test gives them)")
         return None
+    if process_rank()[0] != 0:  # under torchrun, process 0 alone computes it; the others go on to the last barrier
+        return None
     idx = torch.randperm(len(test.x), generator=torch.Generator().manual_seed(cfg.seed))[:n]
     x0 = test.x[idx].float() / 127.5 - 1                                     # pixels {0..255} → [−1, 1], (N, C, H, W)
     device, bits = diffusion.betas.device, []
@@ -2597,7 +2602,7 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
         grid, reverse = output_path(cfg, "samples.png"), output_path(cfg, "reverse.png")
         save_class_grid(diffusion, model, cfg, class_names, labels, grid, f"{cfg.sampler}, guidance {cfg.guidance:g}")
         save_reverse_picture(diffusion, model, cfg, class_names, labels, reverse)
-    if process_rank()[0] == 0 and (cfg.nll > 0 or (cfg.nll < 0 and not cfg.sample_only)):
+    if cfg.nll > 0 or (cfg.nll < 0 and not cfg.sample_only):  # every process: loading may download (on_rank_0)
         held_out_bound(diffusion, model, cfg, load_builtin)
     if cfg.dump_samples:
         dump_samples(diffusion, model, cfg, class_names, labels, dump_dir)

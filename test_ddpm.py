@@ -876,9 +876,15 @@ def test_fast_path_is_chosen_by_the_hardware_and_the_data(monkeypatch):
         assert none.amp is None and none.channels_last
         assert ddpm.FastPath.choose(ddpm.TrainConfig(amp="bf16"), cpu, images=False).amp == torch.bfloat16
     assert ddpm.FastPath.choose(cfg, torch.device("cuda"), images=True) == ddpm.FastPath(torch.bfloat16, True, True)
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     monkeypatch.undo()
-    assert ddpm.native_bf16(cpu) == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    # The hardware test itself: compute capability 8.0 (Ampere) and later on CUDA; AMX or AVX-512 BF16 on a CPU.
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert ddpm.native_bf16(torch.device("cuda")) == native
+    for flags, native in (("fpu avx2 avx512f", False), ("fpu avx512_bf16", True), ("amx_tile amx_bf16", True)):
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, f=flags, **k: f"flags\t: {f}\n")
+        assert ddpm.native_bf16(cpu) == native
+    assert not ddpm.native_bf16(torch.device("mps"))
 
 
 def test_lock_keeps_a_second_run_out_and_dies_with_its_owner(tmp_path):

@@ -45,8 +45,8 @@ def load_cifar(cfg: CifarConfig, train: bool = True) -> ddpm.Data:
     """CIFAR-10's 50,000 training images (train=False: the 10,000 test images) as uint8 (N, 3, 32, 32), downloaded
     into cfg.data_dir if not there."""
     from torchvision import datasets
-    cifar = ddpm.download_dataset(datasets.CIFAR10, cfg, f"cifar-10-python.tar.gz (from "
-                                                         f"https://www.cs.toronto.edu/~kriz/) into {cfg.data_dir}/", train)
+    offline = f"cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/) into {cfg.data_dir}/"
+    cifar = ddpm.download_dataset(datasets.CIFAR10, cfg, offline, train)
     images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) → (N, 3, 32, 32)
     return ddpm.Data(images, torch.tensor(cifar.targets), tuple(cifar.classes), hflip=cfg.hflip)
 
