@@ -1718,7 +1718,6 @@ class Trainer:
         self.order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
         self.rng, self.counters = GlobalRNG(device), LoopCounters()
         self.model_fn = torch.compile(self.ddp) if cfg.compile else self.ddp  # `model` keeps the plain weights
-        self.amp = self.fast.amp
 
     def inventory(self) -> dict:
         """STATE_KEYS → the object holding that piece of state; each has state_dict() and load_state_dict()."""
@@ -1746,7 +1745,7 @@ class Trainer:
         x0, y = self.data.batch(idx.to(self.device), flip.to(self.device))
         if self.fast.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss, grad_norm = train_step(self.model_fn, self.diffusion, x0, y, cfg.grad_clip, self.amp)
+        loss, grad_norm = train_step(self.model_fn, self.diffusion, x0, y, cfg.grad_clip, self.fast.amp)
         # The one wait for the device per step: whether to update depends on the loss and gradient being finite.
         values = torch.stack([loss.detach().float(), grad_norm.float()])
         if self.world > 1:
@@ -1789,7 +1788,7 @@ def measure_threads(trainer: Trainer) -> int:
             torch.set_num_threads(n)
             tic, steps = time.perf_counter(), 0
             while steps < 3 or time.perf_counter() < tic + 0.1:
-                train_step(model, trainer.diffusion, x0, y, amp_dtype=trainer.amp)
+                train_step(model, trainer.diffusion, x0, y, amp_dtype=trainer.fast.amp)
                 steps += 1
             timings[n] = (time.perf_counter() - tic) / steps
     best = min(timings, key=timings.get)
@@ -1959,7 +1958,7 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     trainer = Trainer(model, diffusion, data, cfg, device)
     with FlopCounterMode(display=False) as counter:
         x0, y = trainer.data.batch(*(t.to(device) for t in trainer.order.next()))
-        train_step(trainer.model, trainer.diffusion, x0, y, cfg.grad_clip, trainer.amp)
+        train_step(trainer.model, trainer.diffusion, x0, y, cfg.grad_clip, trainer.fast.amp)
         trainer.optimizer.zero_grad(set_to_none=True)
     flops_per_image = counter.get_total_flops() / cfg.batch_size
     # Warm-up steps are not timed: they include torch.compile's compilation and cuDNN's search for the fastest
@@ -2528,7 +2527,7 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     if process_rank()[0] != 0:  # under torchrun, process 0 alone computes it; the others go on to the last barrier
         return None
     idx = torch.randperm(len(test.x), generator=torch.Generator().manual_seed(cfg.seed))[:n]
-    x0 = test.x[idx].float() / 127.5 - 1                                     # pixels {0..255} → [−1, 1], (N, C, H, W)
+    x0, _ = test.batch(idx, flip=torch.zeros(len(idx), dtype=torch.bool))  # (N, C, H, W) in [−1, 1], no flips
     device, bits = diffusion.betas.device, []
     size = max(1, min(len(x0), 2**14 // x0[0].numel()))  # images per call of nll_bound: progress every few seconds
     what = f"bits/dim of the EMA model on {len(x0)} held-out images (T = {diffusion.num_timesteps} terms each)"
