@@ -7,7 +7,7 @@ label y, and classifier-free guidance trades diversity for fidelity to that labe
 
 Two parts. PART I, THE LESSON, is all of DDPM in reading order: noise schedules → the diffusion process (forward,
 loss, the two samplers, guidance) → embeddings → backbones (MLP, U-Net) → training, the whole idea (Alg. 1 and the
-EMA in a plain loop). It imports only math, copy and torch, and runs on its own when pasted into a notebook. PART II,
+EMA in a plain loop). It imports only math, copy, os and torch, and runs on its own when pasted into a notebook. PART II,
 THE ENGINE ROOM, starts at the banner "# PART II": config and command line, checkpoints and exact resume, locks and
 signals, the resumable loop, benchmark, the image experiments. It builds on Part I and never re-implements it.
 
@@ -56,10 +56,20 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+# Before torch loads OpenMP: its worker threads bound to cores of their own stall far less on a CPU that another busy
+# program shares (2-core VM: about 2× slower, not 3-5×); the main thread is set free again, for the processes it
+# starts. Part II's use_threads says how many threads; OMP_NUM_THREADS=1 (torchrun's default) needs no binding.
+CPU_MASK = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+if os.environ.get("OMP_NUM_THREADS") != "1":
+    os.environ.setdefault("OMP_PROC_BIND", "true")
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, CPU_MASK)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Noise schedules
@@ -765,11 +775,14 @@ def fit(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tenso
 #   * a run stopped at any instant (Ctrl-C, SIGTERM, SIGKILL, power cut) resumes to the same weights, bit for bit on
 #     a CPU, losing at most the steps since the last checkpoint: checkpoints hold every piece of state the loop uses;
 #   * a checkpoint on disk is never torn: files are written aside, fsynced, then renamed into place;
-#   * bad input and bad files end in one clear line (UserError), with nothing on disk changed.
+#   * bad input and bad files end in one clear line (UserError), with nothing on disk changed;
+#   * the same command on the same machine computes the same numbers, however busy the machine is.
+# Where to look: the checkpoint format is STATE_KEYS and Trainer.state (section 8 and 10); the loop is _train_loop.
 import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import inspect
 import os
@@ -783,7 +796,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, ClassVar, NamedTuple
+from typing import Callable, ClassVar
 
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -836,7 +849,7 @@ class TrainConfig:
     resume: bool = False            # continue the run in --out-dir with its saved settings (give only what changes)
     overwrite: bool = False         # start afresh over a checkpoint (deletes checkpoints and metrics.csv, not pictures)
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    threads: int = 0                # CPU threads for PyTorch (0: measure, one or all cores; OMP_NUM_THREADS wins)
+    threads: int = 0                # CPU threads for PyTorch (0: the rule in use_threads; OMP_NUM_THREADS sets it too)
     seed: int = 0                   # seeds the weights, the noise and the data order (and the samples drawn)
     num_timesteps: int = 1000       # T, the number of noise levels [DDPM: 1000]; small T: see make_beta_schedule
     schedule: str = "linear"        # noise schedule: linear [DDPM] or cosine [IDDPM]
@@ -855,7 +868,7 @@ class TrainConfig:
     log_every: int = 100            # print a log line and append a row to metrics.csv every N steps
     sample_every: int = 1000        # save pictures sampled from the EMA model every N steps (0: never)
     ckpt_every: int = 1000          # write a checkpoint every N steps, at the end, and on Ctrl-C or SIGTERM
-    keep_ckpts: int = 2             # checkpoints kept: ckpt.pt (newest), ckpt.1.pt, ... (resume falls back to older)
+    keep_ckpts: int = 2             # checkpoints kept, ckpt_<step>.pt, the newest ones (resume falls back to older)
     sample_only: bool = False       # no training: load the checkpoint in --out-dir, sample and plot
     sampler: str = "ddpm"           # ddpm (ancestral, T network calls) or ddim (--sample-steps calls)
     sample_steps: int = 100         # DDIM steps (the ddpm sampler always takes T)
@@ -873,7 +886,6 @@ class TrainConfig:
     PER_CALL: ClassVar[frozenset] = frozenset({"resume", "overwrite", "sample_only"})
     CHOICES: ClassVar[dict] = {"schedule": SCHEDULES, "sampler": ("ddpm", "ddim"), "amp": ("auto", "bf16", "none"),
                                "lr_decay": ("none", "cosine")}
-    METAVARS: ClassVar[dict] = {"out_dir": "DIR", "device": "DEVICE"}  # what --help shows for a value (else INT …)
     AT_LEAST: ClassVar[dict] = {**dict.fromkeys(("steps", "batch_size", "num_timesteps", "log_every", "ckpt_every",
                                                  "keep_ckpts", "num_samples", "sample_steps", "max_bad_steps"), 1),
                                 **dict.fromkeys(("warmup", "sample_every", "grad_clip", "weight_decay", "guidance",
@@ -890,39 +902,30 @@ class TrainConfig:
             if f.name in self.CHOICES and value not in self.CHOICES[f.name]:
                 raise UserError(f"{flag(f.name)} must be one of {', '.join(map(str, self.CHOICES[f.name]))}, "
                                 f"got {value!r}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.p_uncond <= 1:
-            raise UserError(f"--p-uncond is a probability between 0 and 1, got {self.p_uncond}")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.schedule == "linear" and self.num_timesteps < 2:
-            raise UserError("--num-timesteps must be at least 2 for the linear schedule (T = 1 leaves x_T noiseless)")
-        # The one check of DDIM steps against T. With --resume and --sample-only, T is the checkpoint's by now (cli).
-        if self.sampler in ("ddim", "auto") and self.sample_steps > self.num_timesteps:
-            raise UserError(f"--sample-steps {self.sample_steps} exceeds the {self.num_timesteps} timesteps this model "
-                            f"was trained with; give at most {self.num_timesteps}")
-        if self.steps > 10**9:  # at thousands of steps a second, a billion is weeks: a typo, not a plan
-            raise UserError(f"--steps {self.steps} is more than a billion; give the number of optimizer steps")
-        if not self.resume:  # a resumed run's count may come from its checkpoint, saved on a bigger machine (cli)
-            check_threads(self.threads)
-        if not 0 <= self.seed < 2**32:  # offsets of up to k·2³² are added to it for per-process and per-chunk streams
-            raise UserError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
-        if self.resume and self.overwrite:
-            raise UserError("--resume and --overwrite contradict each other; pick one")
-        if not self.out_dir.strip():
-            raise UserError("--out-dir is empty; name a folder for the run")
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun
-        if self.batch_size % world and not self.sample_only:
-            raise UserError(f"--batch-size {self.batch_size} is the global batch, shared by {world} processes: "
-                            f"give a multiple of {world}")
-
-
-def check_threads(threads: int) -> None:
-    """Refuses more threads than the machine has cores: they would only wait for each other."""
-    if threads > (os.cpu_count() or 1):
-        raise UserError(f"--threads {threads}: this machine has {os.cpu_count()} cores; give at most that, "
-                        f"or 0 to choose")
+        problems = [  # (impossible?, what to say), the first that holds is raised
+            (not self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (not 0 <= self.p_uncond <= 1, f"--p-uncond is a probability between 0 and 1, got {self.p_uncond}"),
+            (not 0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (self.schedule == "linear" and self.num_timesteps < 2,
+             "--num-timesteps must be at least 2 for the linear schedule (T = 1 leaves x_T noiseless)"),
+            # The one check of DDIM steps against T. With --resume and --sample-only, T is the checkpoint's (cli).
+            (self.sampler in ("ddim", "auto") and self.sample_steps > self.num_timesteps,
+             f"--sample-steps {self.sample_steps} exceeds the {self.num_timesteps} timesteps this model was trained "
+             f"with; give at most {self.num_timesteps}"),
+            (self.steps > 10**9,  # at thousands of steps a second, a billion is weeks: a typo, not a plan
+             f"--steps {self.steps} is more than a billion; give the number of optimizer steps"),
+            (self.threads > (os.cpu_count() or 1),  # more threads than cores only wait for each other
+             f"--threads {self.threads}: this machine has {os.cpu_count()} cores; give at most that, or 0 to choose"),
+            # Offsets of up to k·2³² are added to the seed for per-process and per-chunk streams.
+            (not 0 <= self.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, got {self.seed}"),
+            (self.resume and self.overwrite, "--resume and --overwrite contradict each other; pick one"),
+            (not self.out_dir.strip(), "--out-dir is empty; name a folder for the run"),
+            (self.batch_size % world_size() and not self.sample_only,
+             f"--batch-size {self.batch_size} is the global batch, shared by {world_size()} processes: give a "
+             f"multiple of {world_size()}")]
+        for impossible, message in problems:
+            if impossible:
+                raise UserError(message)
 
 
 def config_help(cls) -> dict:
@@ -963,14 +966,15 @@ def parse_given(cls, argv=None, epilog: str | None = None) -> dict:
         text = helps.get(f.name, f.name).replace("%", "%%")  # argparse %-formats help texts: "40 %" would break it
         if "(default" not in text:
             text += f" (default: {f.default if f.default != '' else 'none'})"
-        kwargs = dict(help=text)
         if isinstance(f.default, bool):  # a bool is never parsed from text (bool("False") is True)
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:  # the default's type parses the text: "3e-4" → float, "64" → int
-            choices = cls.CHOICES.get(f.name)
-            kwargs.update(type=type(f.default), choices=choices,
-                          metavar=None if choices else cls.METAVARS.get(f.name, type(f.default).__name__.upper()))
-        parser.add_argument(flag(f.name), **kwargs)
+            parser.add_argument(flag(f.name), help=text, action=argparse.BooleanOptionalAction)
+            continue
+        # The default's type parses the text ("3e-4" → float); --help shows DIR for folders, else INT, FLOAT, …
+        choices = cls.CHOICES.get(f.name)
+        metavar = ("DIR" if f.name.endswith("dir") else "FOLDER" if f.name == "data" else f.name
+                   if isinstance(f.default, str) else type(f.default).__name__)
+        parser.add_argument(flag(f.name), help=text, type=type(f.default), choices=choices,
+                            metavar=None if choices else metavar.upper())
     return vars(parser.parse_args(argv))
 
 
@@ -984,26 +988,13 @@ def parse_config(cls, argv=None):
 # Each holds the whole model and trains on its share of every batch; DistributedDataParallel (DDP) averages their
 # gradients in backward(), so all take the same step. Process 0 alone prints and writes. Without torchrun: unchanged.
 
-def setup_distributed(device_name: str = "auto") -> tuple[int, int]:
-    """Under torchrun, joins the other processes once: NCCL between GPUs, gloo between CPU processes. Returns
-    (rank, world size), (0, 1) for a plain single process."""
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        cuda = torch.cuda.is_available() and device_name.split(":")[0] in ("auto", "cuda")
-        if cuda:
-            gpus = torch.cuda.device_count()
-            if int(os.environ["LOCAL_RANK"]) >= gpus:  # one process per GPU
-                raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE')} processes on a machine with "
-                                f"{gpus} GPU(s); give --nproc_per_node={gpus}")
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # A process that dies closes its connections: the others fail at their next exchange, in seconds. The timeout
-        # is for one hung alive; it must outlast the longest wait for process 0 alone (pictures, checkpoint, download).
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
-        if dist.get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")  # progress from process 0 alone; errors (stderr) from any process
-    return process_rank()
+def world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) once choose_device has joined them; (0, 1) before or without."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -1023,11 +1014,12 @@ def on_rank_0(fn: Callable):
     return result
 
 
+@functools.cache  # each script calls it first; later calls (train, the sampling code) get the same device, unsaid
 def choose_device(name: str = "auto") -> torch.device:
-    """"auto" → cuda, then mps, then cpu; any other name is checked. On CUDA it enables TF32 matmuls. Under torchrun
-    "cuda" is this process's GPU, cuda:LOCAL_RANK.
+    """"auto" → cuda, then mps, then cpu; any other name is checked. On CUDA it enables TF32 matmuls.
 
-    Each path through a script calls it once (train, benchmark or the sampling code), so the device prints once.
+    Under torchrun this is the one place where the processes join each other: NCCL between GPUs (process r on
+    cuda:LOCAL_RANK), gloo between CPU processes; the other processes' stdout goes to /dev/null.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1040,8 +1032,19 @@ def choose_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name}: not available on this machine; use --device auto or --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    if setup_distributed(name)[1] > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if world_size() > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+            if local >= gpus:  # one process per GPU
+                raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE')} processes on a machine with "
+                                f"{gpus} GPU(s); give --nproc_per_node={gpus}")
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        # A process that dies closes its connections: the others fail at their next exchange, in seconds. The timeout
+        # is for one hung alive; it must outlast the longest wait for process 0 alone (pictures, checkpoint, download).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # progress from process 0 alone; errors (stderr) from any process
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")     # TF32 tensor cores for float32 matmuls (cuDNN convolutions
         torch.backends.cudnn.benchmark = True          # use TF32 by default); pick the fastest kernels for our shapes
@@ -1049,8 +1052,6 @@ def choose_device(name: str = "auto") -> torch.device:
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + (f"; {world} processes under torchrun, each with {1 / world:.0%} of every batch" if world > 1 else ""))
     return device
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. Data and the order of batches
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1106,8 +1107,6 @@ class BatchOrder:
     """
 
     def __init__(self, size: int, batch_size: int, seed: int):
-        if size < 1:
-            raise UserError("the training set is empty; give it at least one example")
         self.size, self.batch_size = size, batch_size
         # A CPU generator of its own: the batches are the same on any device, and drawing them does not move the
         # global generator that the loss draws t and ε from (so neither stream depends on the other).
@@ -1136,16 +1135,17 @@ class BatchOrder:
 # ----------------------------------------------------------------------------------------------------------------------
 # 8. Checkpoints: the state inventory, written atomically, verified on load, several kept
 # ----------------------------------------------------------------------------------------------------------------------
-# Exact resume rests on one inventory: everything the loop reads that changes while it runs. Miss one piece and a
-# resumed run drifts from an unbroken one. Each name below is saved, restored and required under that one name.
+# A checkpoint is one file, <out_dir>/ckpt_<step>.pt: a dict saved by torch.save holding HEADER_KEYS (what the run is)
+# and STATE_KEYS (where it stands), plus a checksum. Exact resume rests on the state inventory: everything the loop
+# reads that changes while it runs. Miss one piece and a resumed run drifts from an unbroken one. Each name below is
+# saved, restored and required under that one name (Trainer.inventory).
 STATE_KEYS = (
     "model",        # the weights θ
     "ema",          # the moving average that samples come from
     "optimizer",    # Adam's moments and step count (fresh moments would jolt the weights)
-    "lr_schedule",  # where the warm-up stands
     "data_order",   # the epoch's permutation, the position in it, and its generator (also the flips)
     "rng",          # the global generators the loss draws t, ε and label dropout from
-    "loop",         # the step, the half-finished log window and the NaN counters
+    "loop",         # the step (which also fixes the learning rate), the half-finished log window, the NaN counters
 )
 HEADER_KEYS = ("format", "version", "step", "config", "config_class", "script", "data_info")  # what the run is
 CKPT_FORMAT, CKPT_VERSION = "diffusionlab-checkpoint", 2
@@ -1161,11 +1161,11 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable, before_replace: Callable | None = None) -> None:
+def atomic_write(path: Path, write: Callable) -> None:
     """Writes a file so that a crash at any instant leaves the old file or the complete new one, never a torn one.
 
-    write(f) fills a temporary file in the same folder; it is flushed and fsynced, `before_replace()` runs, then
-    os.replace renames it over `path` (atomic on POSIX and Windows) and the folder is fsynced so the rename persists.
+    write(f) fills a temporary file in the same folder; it is flushed and fsynced, then os.replace renames it over
+    `path` (atomic on POSIX and Windows) and the folder is fsynced so that the rename persists.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -1173,8 +1173,6 @@ def atomic_write(path: Path, write: Callable, before_replace: Callable | None = 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
         os.replace(tmp, path)
     except BaseException:          # including a third Ctrl-C: never leave the half-written file behind
         tmp.unlink(missing_ok=True)
@@ -1230,64 +1228,42 @@ def to_cpu(obj):
     return obj
 
 
-def checkpoint_path(out_dir, age: int) -> Path:
-    """ckpt.pt for the newest checkpoint (age 0), ckpt.<age>.pt for older ones."""
-    return Path(out_dir) / ("ckpt.pt" if age == 0 else f"ckpt.{age}.pt")
-
-
 def find_checkpoints(out_dir) -> list[Path]:
-    """The checkpoint files in out_dir, newest first: ckpt.pt, ckpt.1.pt, ckpt.2.pt, …
-
-    A crash between two renames of save_checkpoint can leave ckpt.pt missing, or a gap in the numbers; the files that
-    are there are still listed in order, so a resume finds the newest complete checkpoint.
-    """
-    names = (p.name for p in Path(out_dir).glob("ckpt.*.pt"))
-    older = sorted(int(m[1]) for name in names if (m := re.fullmatch(r"ckpt\.([1-9]\d*)\.pt", name)))
-    ages = ([0] if checkpoint_path(out_dir, 0).exists() else []) + older
-    return [checkpoint_path(out_dir, age) for age in ages]
+    """The checkpoint files in out_dir, newest first: ckpt_<step>.pt by step, then those of an earlier ddpm.py
+    (ckpt.pt, ckpt.1.pt, …, which it kept newest first, and which are older than any ckpt_<step>.pt)."""
+    def age(path):  # a sort key, larger for newer; None for any other file
+        m = re.fullmatch(r"ckpt_(\d+)\.pt|ckpt(?:\.([1-9]\d*))?\.pt", path.name)
+        return None if m is None else (1, int(m[1])) if m[1] else (0, -int(m[2] or 0))
+    found = [(age(path), path) for path in Path(out_dir).glob("ckpt*.pt")]
+    return [path for key, path in sorted(((k, p) for k, p in found if k is not None), reverse=True)]
 
 
 def save_checkpoint(state: dict, out_dir, keep: int = 2) -> Path:
-    """Writes `state` to <out_dir>/ckpt.pt atomically, with a checksum; keeps the keep − 1 previous ones.
-
-    The order makes every instant safe: (1) the new file is written aside and fsynced; (2) every checkpoint there
-    moves one name older (ckpt.pt → ckpt.1.pt, …, the oldest first, so no rename overwrites a file); (3) the new file
-    is renamed to ckpt.pt; (4) only then are the ones beyond `keep` deleted. A crash at any point leaves at least the
-    `keep` checkpoints that were there before. A full disk or an unwritable folder is a UserError.
-    """
-    out_dir = Path(out_dir)
+    """Writes `state` to <out_dir>/ckpt_<step>.pt atomically, with a checksum, then deletes all but the `keep`
+    newest. The new file is complete and durable before any old one goes, so a crash at any instant leaves every
+    checkpoint that was there before. A full disk or an unwritable folder is a UserError."""
+    path = Path(out_dir) / f"ckpt_{state['step']:06d}.pt"
     state = to_cpu(state)
     state["checksum"] = state_checksum(state)
-
-    def shift_older():  # the i-th newest becomes ckpt.<i+1>.pt, which also closes a gap left by a fallback
-        found = find_checkpoints(out_dir)
-        ages = [0 if path.name == "ckpt.pt" else int(path.name.split(".")[1]) for path in found]
-        # No rename may land on a file still to be moved: first the moves down into a gap, newest first, then the
-        # moves up by one, oldest first.
-        down = [i for i in range(len(found)) if ages[i] > i + 1]
-        up = [i for i in reversed(range(len(found))) if ages[i] == i]
-        for i in down + up:
-            os.replace(found[i], checkpoint_path(out_dir, i + 1))
-        fsync_dir(out_dir)  # the shifts reach the disk before the rename that depends on them
-
     with disk_errors(f"a checkpoint into {out_dir}", RuntimeError):  # torch.save reports ENOSPC as RuntimeError
-        atomic_write(checkpoint_path(out_dir, 0), lambda f: torch.save(state, f), before_replace=shift_older)
-    for extra in find_checkpoints(out_dir)[keep:]:
-        extra.unlink()
-    return checkpoint_path(out_dir, 0)
+        atomic_write(path, lambda f: torch.save(state, f))
+    for old in find_checkpoints(out_dir)[keep:]:
+        old.unlink()
+    return path
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, header_only: bool = False) -> dict:
     """Loads and verifies one checkpoint. Raises CheckpointError saying why the file cannot be used.
 
     weights_only=True lets the unpickler build only tensors and plain containers, so a file carrying pickled code
-    is refused before any of it runs.
+    is refused before any of it runs. header_only: the tensors are mapped, not read (mmap), and not checksummed, for
+    a quick look at the settings and the step.
     """
     try:
         with open(path, "rb") as f:  # torch.save writes a zip archive: anything else is no checkpoint at all
             if f.read(4) != b"PK\x03\x04":
                 raise CheckpointError(f"{path} is not a checkpoint: not a file written by torch.save")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=header_only)
     except CheckpointError:
         raise
     except Exception as e:  # any failure to read an untrusted file is the file's fault, so report it as such
@@ -1306,76 +1282,38 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(sorted(missing))}")
     # A flipped bit inside a tensor (a bad disk, a copy cut short at the right place) unpickles without complaint
     # and would train on silently from damaged weights; the checksum over every byte catches it here.
-    if state.pop("checksum", None) != state_checksum(state):
+    if not header_only and state.pop("checksum", None) != state_checksum(state):
         raise CheckpointError(f"{path} is corrupted: its contents do not match the checksum saved with them")
     return state
 
 
-class Checkpoint(NamedTuple):
-    """A checkpoint read from disk: its contents, its file, and the file's modification time when it was read."""
-    state: dict
-    path: Path
-    mtime_ns: int
-
-
-_WARNED: set = set()  # (file, mtime) of the unusable checkpoints already warned about
-
-
-def newest_checkpoint(out_dir) -> Checkpoint:
-    """The newest usable checkpoint in out_dir: the one rule that --resume, --sample-only and the settings they take
-    from the run all follow. An unusable newer file is skipped with a warning that says so."""
-    candidates = find_checkpoints(out_dir)
+def newest_checkpoint(cfg: TrainConfig, header_only: bool = False) -> tuple[dict, Path]:
+    """The newest usable checkpoint in cfg.out_dir and its file: the one rule that --resume, --sample-only and the
+    settings they take from the run all follow. A newer unusable file is skipped; the full read says so (the quick
+    header_only look, which comes first, skips it silently, so the warning is printed once)."""
+    candidates = find_checkpoints(cfg.out_dir)
     if not candidates:
-        raise CheckpointError(f"no checkpoint in {out_dir}")
+        how = "train first, or point --out-dir at a run" if cfg.sample_only else "start without --resume (resume=False)"
+        raise UserError(f"{'--sample-only' if cfg.sample_only else '--resume'}: no checkpoint in {cfg.out_dir}; {how}")
     for i, path in enumerate(candidates):
         try:
-            mtime_ns = path.stat().st_mtime_ns
-            return Checkpoint(load_checkpoint(path), path, mtime_ns)
+            return load_checkpoint(path, header_only), path
         except CheckpointError as e:
             if i + 1 == len(candidates):
                 more = f" (and the {i} newer one(s) are unusable too)" if i else ""
-                raise CheckpointError(f"{e}{more}; no usable checkpoint is left in {out_dir}: restore one from a "
-                                      f"copy, or train afresh with --overwrite") from None
-            if (path, mtime_ns) not in _WARNED:  # --resume reads the folder twice: say it once
-                _WARNED.add((path, mtime_ns))
+                raise CheckpointError(f"{e}{more}; no usable checkpoint is left in {cfg.out_dir}: restore one from "
+                                      f"a copy, or train afresh with --overwrite") from None
+            if not header_only:
                 print(f"warning: {e}; falling back to the older {candidates[i + 1]}", file=sys.stderr)
 
 
 def set_aside_unusable(out_dir, used: Path) -> None:
-    """Renames the checkpoints newer than `used` (the ones a resume skipped as unusable) to <name>.unusable.
-
-    Left in place they would move down the line at the next save and push the good older checkpoints out.
-    """
+    """Renames the checkpoints newer than `used` (those a resume skipped as unusable) to <name>.unusable: left in
+    place they would count among the kept ones and push good older checkpoints out."""
     found = find_checkpoints(out_dir)
     for path in found[:found.index(used)]:
-        aside, n = path.with_name(path.name + ".unusable"), 1
-        while aside.exists():  # an earlier fallback's file: keep it too
-            aside, n = path.with_name(f"{path.name}.unusable.{n}"), n + 1
-        os.replace(path, aside)
-        print(f"warning: moved the unusable {path.name} aside to {aside.name}", file=sys.stderr)
-
-
-def guard_resume(state: dict, cfg: TrainConfig, data_info: dict, path) -> None:
-    """Refuses to resume a checkpoint made with a different model, diffusion, optimiser or data configuration.
-
-    Loading would often work (same tensor shapes) and then quietly train something else: a new learning rate, a
-    different T, another data set under the same class names. So every difference is listed, and none is allowed
-    but those in cfg.RESUMABLE, which change when and how the run stops, logs and samples, not what it learns.
-    """
-    saved, now = state["config"], asdict(cfg)
-    diffs = [f"{flag(k)} (checkpoint {saved.get(k)!r}, now {v!r})"
-             for k, v in now.items() if k not in cfg.RESUMABLE and saved.get(k) != v]
-    data_diffs = [f"data {k} (checkpoint {state['data_info'].get(k)!r}, now {v!r})"
-                  for k, v in data_info.items() if state["data_info"].get(k) != v]
-    if data_diffs and saved.get("seed") != now["seed"]:  # data drawn from the seed (the moons): name the flag
-        diffs.append(f"--seed (checkpoint {saved.get('seed')!r}, now {now['seed']!r}: this data is drawn from the "
-                     f"seed, so it differs too; for other samples use --seed with --sample-only)")
-    diffs += data_diffs
-    if state.get("config_class") != type(cfg).__name__:
-        diffs.insert(0, f"script config (checkpoint {state.get('config_class')}, now {type(cfg).__name__})")
-    if diffs:
-        raise UserError(f"{path} was trained with a different configuration: {'; '.join(diffs)}. Leave those flags "
-                        f"out to use the checkpoint's settings, or train afresh with a new --out-dir or --overwrite")
+        os.replace(path, path.with_name(path.name + ".unusable"))  # an earlier one of that name is replaced
+        print(f"warning: moved the unusable {path.name} aside to {path.name}.unusable", file=sys.stderr)
 
 
 def script_name(cfg: TrainConfig) -> str:
@@ -1384,41 +1322,66 @@ def script_name(cfg: TrainConfig) -> str:
     return Path(main).name if main.endswith(".py") and Path(main).stem.startswith("train") else type(cfg).__name__
 
 
-def open_saved_run(cfg: TrainConfig, given: dict) -> tuple[TrainConfig, Checkpoint | None]:
-    """For --resume and --sample-only: the run's newest usable checkpoint, and the settings it was trained with
-    with the flags given now on top, so that `--resume` alone continues a run however it was started.
+def refuse_foreign(state: dict, cfg: TrainConfig, where, advice: str) -> None:
+    """Refuses another script's run (a moons run for train_mnist.py): its settings mean nothing to this one.
+    The message says what the run is, "a train_moons.py run (MLP on 2-D points)", and what to do (advice)."""
+    if state["config_class"] == type(cfg).__name__:
+        return
+    saved, data = state["config"], state["data_info"]
+    shape, classes = data["shape"], f", {len(data['class_names'])} classes" if data["class_names"] else ""
+    what = f"{shape[0]}-D points" if len(shape) == 1 else f"{'×'.join(map(str, shape))} images"
+    net = f"U-Net {saved['model']!r}" if "model" in saved else "MLP"
+    raise UserError(f"{where} holds a {state['script']} run ({net} on {what}{classes}), not one of "
+                    f"{script_name(cfg)}; {advice}")
 
-    A given flag that may not change (the model, the data) is refused later by guard_resume. Without any checkpoint,
-    (cfg, None): the caller says what is missing. out_dir stays the folder it was read from, wherever the run began.
+
+def guard_resume(state: dict, cfg: TrainConfig, path, data_info: dict | None = None) -> None:
+    """Refuses to resume (or sample) a checkpoint made with a different model, diffusion, optimiser or data.
+
+    Loading would often work (same tensor shapes) and then quietly train something else: a new learning rate, a
+    different T, another data set under the same class names. So every difference is listed, and none is allowed
+    but those in cfg.RESUMABLE, which change when and how the run stops, logs and samples, not what it learns.
+    data_info: the data trained on now (None for --sample-only, which has none).
     """
+    refuse_foreign(state, cfg, path, f"use {state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
+    saved, now = state["config"], asdict(cfg)
+    diffs = [f"{flag(k)} (checkpoint {saved.get(k)!r}, now {v!r})"
+             for k, v in now.items() if k not in cfg.RESUMABLE and saved.get(k) != v]
+    data_diffs = [f"data {k} (checkpoint {state['data_info'].get(k)!r}, now {v!r})"
+                  for k, v in (data_info or {}).items() if state["data_info"].get(k) != v]
+    if data_diffs and saved.get("seed") != now["seed"]:  # data drawn from the seed (the moons): name the flag
+        diffs.append(f"--seed (checkpoint {saved.get('seed')!r}, now {now['seed']!r}: this data is drawn from the "
+                     f"seed, so it differs too; for other samples use --seed with --sample-only)")
+    if diffs + data_diffs:
+        raise UserError(f"{path} was trained with a different configuration: {'; '.join(diffs + data_diffs)}. Leave "
+                        f"those flags out to use the checkpoint's settings, or train afresh with a new --out-dir or "
+                        f"--overwrite")
+
+
+def saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """For --resume and --sample-only: the settings the run in cfg.out_dir was trained with, with the flags given
+    now on top, so that `--resume` alone continues a run however it was started (only the header is read here; the
+    weights are read once, by train() or load_for_sampling). Without a checkpoint, cfg: the caller says what is
+    missing. out_dir stays the folder given, wherever the run began; a thread count saved on a machine with more
+    cores than this one is dropped (use_threads then chooses)."""
     if not find_checkpoints(cfg.out_dir):
-        return cfg, None
-    ckpt = newest_checkpoint(cfg.out_dir)
-    if ckpt.state["config_class"] != type(cfg).__name__:  # another script's run: its settings mean nothing here
-        saved, data = ckpt.state["config"], ckpt.state["data_info"]
-        classes = f", {len(data['class_names'])} classes" if data["class_names"] else ""
-        net = f"U-Net {saved['model']!r}" if "model" in saved else "MLP"
-        shape = data["shape"]
-        about = f"{net} on " + (f"{shape[0]}-D points" if len(shape) == 1 else f"{'×'.join(map(str, shape))} images")
-        about += classes
-        raise UserError(f"{cfg.out_dir} holds a {ckpt.state['script']} run ({about}), not one of {script_name(cfg)}; "
-                        f"use {ckpt.state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
+        return cfg
+    state, path = newest_checkpoint(cfg, header_only=True)
+    refuse_foreign(state, cfg, cfg.out_dir, f"use {state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
     names = {f.name for f in fields(cfg)} - cfg.PER_CALL
-    saved = {k: v for k, v in ckpt.state["config"].items() if k in names}
-    return type(cfg)(**{**saved, **given, "out_dir": cfg.out_dir}), ckpt
+    saved = {k: v for k, v in state["config"].items() if k in names}
+    if saved.get("threads", 0) > (os.cpu_count() or 1):
+        saved["threads"] = 0
+    return type(cfg)(**{**saved, **given, "out_dir": cfg.out_dir})
 
 
-def load_for_sampling(cfg: TrainConfig, ckpt: Checkpoint | None = None) -> dict:
-    """For --sample-only: the state of the newest usable checkpoint in cfg.out_dir (ckpt, if already read).
-
-    cfg must agree with the checkpoint on everything but the fields a resume may change (sampler, guidance,
-    num_samples, device, …); a model setting given anew (another T, another width) is refused, not ignored.
-    """
-    if ckpt is None and not find_checkpoints(cfg.out_dir):
-        raise UserError(f"--sample-only: no checkpoint in {cfg.out_dir}; train first, or point --out-dir at a run")
-    ckpt = ckpt or newest_checkpoint(cfg.out_dir)
-    guard_resume(ckpt.state, cfg, ckpt.state["data_info"], ckpt.path)
-    return ckpt.state
+def load_for_sampling(cfg: TrainConfig) -> dict:
+    """For --sample-only: the state of the newest usable checkpoint in cfg.out_dir, whose settings cfg must share
+    but for those a resume may change (sampler, guidance, num_samples, device, …): a model setting given anew
+    (another T, another width) is refused, not ignored."""
+    state, path = newest_checkpoint(cfg)
+    guard_resume(state, cfg, path)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1428,13 +1391,14 @@ def load_for_sampling(cfg: TrainConfig, ckpt: Checkpoint | None = None) -> dict:
 class OutDirLock:
     """Keeps a second training process out of an out-dir by holding an exclusive lock on <out_dir>/train.lock.
 
-    The lock is the operating system's (flock on POSIX, a byte-range lock on Windows), not the file's existence: the
-    kernel releases it when its process ends in any way, SIGKILL and power loss included, so a crashed run never
-    leaves a lock to clear by hand. The file itself is never deleted (deleting it would let a newcomer lock a fresh
-    file while a third process still holds the old one); its text, the owner's pid and host, is for messages only.
+    The lock is the operating system's (flock, POSIX), not the file's existence: the kernel releases it when its
+    process ends in any way, SIGKILL and power loss included, so a crashed run never leaves a lock to clear by hand.
+    The file itself is never deleted (deleting it would let a newcomer lock a fresh file while a third process still
+    holds the old one); its text, the owner's pid and host, is for messages only. Where there is no flock (Windows,
+    some cluster file systems) the run trains without the guard, and says so.
     """
 
-    HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK}  # "someone else has it", by platform
+    HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES}  # "someone else has it"
 
     def __init__(self, out_dir):
         self.path, self.file = Path(out_dir) / "train.lock", None
@@ -1446,21 +1410,14 @@ class OutDirLock:
             raise UserError(f"cannot write into --out-dir {self.path.parent} ({one_line(e)}); "
                             f"choose a writable folder") from None
         try:
-            if os.name == "nt":
-                import msvcrt
-                file.seek(1 << 30)  # lock a byte far past the text, which another process must still be able to read
-                msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            file.seek(0)
-            holder = file.read().strip() or "starting up"
+            import fcntl
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (ImportError, OSError) as e:
+            holder = self.holder_text(file)
             file.close()
-            if e.errno in self.HELD:
+            if getattr(e, "errno", None) in self.HELD:
                 raise UserError(f"{self.path.parent} is in use by another training run ({holder}); wait for it "
                                 f"to finish or stop it, or use another --out-dir") from None
-            # Some cluster scratch file systems cannot lock at all: train anyway, and say so.
             print(f"warning: cannot lock {self.path} ({one_line(e)}); training without the guard against "
                   f"a second run in this folder", file=sys.stderr)
             return self
@@ -1478,18 +1435,26 @@ class OutDirLock:
         if self.file is not None:
             self.file.close()  # releases the lock; the file stays for the next run to lock
 
+    @staticmethod
+    def holder_text(file) -> str:
+        file.seek(0)
+        return " ".join(file.read().split()) or "starting up"
+
     @classmethod
     def holder(cls, out_dir) -> str | None:
-        """Who holds out_dir's lock ("pid … on …"), or None if no other process does. POSIX only (else None)."""
+        """Who holds out_dir's lock ("pid … on …"), or None if no other process does (or there is no flock)."""
         path = Path(out_dir) / "train.lock"
-        if os.name == "nt" or not path.exists():
+        if not path.exists():
             return None
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:
+            return None
         with open(path) as file:
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
             except OSError as e:
-                text = " ".join(file.read().split()) or "starting up"
+                text = cls.holder_text(file)
                 return text if e.errno in cls.HELD and text != f"pid {os.getpid()} on {socket.gethostname()}" else None
         return None
 
@@ -1508,12 +1473,13 @@ class SamplingStopped(Exception):
 
 
 class StopOnSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption notice) during train().
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption notice) during train(): the one record of a stop asked for.
 
-    Before the first step (building the model, measuring threads, restoring) the first signal stops at once: nothing
-    is trained yet. In the loop it asks to stop after the current step and save; a picture being drawn is abandoned
-    within one sampling step (draw polls `active`). A second signal aborts at once only when no step would be lost;
-    while steps since the last checkpoint are still unsaved it is told to wait, and a third one aborts.
+    Before the first step (building the model, restoring) the first signal stops at once: nothing is trained yet. In
+    the loop it sets `signum`, which Trainer.step reads (under torchrun: all processes agree on it there), so the run
+    stops after this step and saves; a picture being drawn is abandoned within one sampling step (draw polls it). A
+    second signal aborts at once only when no step would be lost; while steps since the last checkpoint are still
+    unsaved it is told to wait, and a third one aborts.
     """
     active: ClassVar["StopOnSignal | None"] = None  # the one in force, for the samplers' polling
 
@@ -1565,12 +1531,11 @@ class MetricsLog:
 
     def __init__(self, path: Path, start_step: int):
         self.path, kept = path, []
-        if path.exists():
-            for line in path.read_text().splitlines(keepends=True)[1:]:
-                values = line.rstrip("\n").split(",")
-                complete = line.endswith("\n") and len(values) == len(self.COLUMNS) and values[0].isdigit()
-                if complete and int(values[0]) <= start_step:
-                    kept.append(line)
+        for line in path.read_text().splitlines(keepends=True)[1:] if path.exists() else []:
+            values = line.rstrip("\n").split(",")
+            if line.endswith("\n") and len(values) == len(self.COLUMNS) and values[0].isdigit() \
+                    and int(values[0]) <= start_step:
+                kept.append(line)
         header = ",".join(self.COLUMNS) + "\n"
         with disk_errors(path):
             atomic_write(path, lambda f: f.write((header + "".join(kept)).encode()))
@@ -1688,7 +1653,8 @@ class GlobalRNG:
 def lr_factor(n: int, cfg: TrainConfig) -> float:
     """The learning rate at step n, as a fraction of cfg.lr. It rises linearly over cfg.warmup steps (as in DDPM's
     released code: Adam's first steps, taken with poor moment estimates, stay small), then stays, or with
-    --lr-decay cosine falls along half a cosine to 0 at cfg.steps (a resume with more --steps stretches the fall)."""
+    --lr-decay cosine falls along half a cosine to 0 at cfg.steps (a resume with more --steps stretches the fall).
+    A function of the step alone, so the step in the checkpoint restores it."""
     if n < cfg.warmup or cfg.lr_decay == "none":
         return min(1.0, (n + 1) / max(1, cfg.warmup))
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (n - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
@@ -1701,7 +1667,7 @@ class Trainer:
     def __init__(self, model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, device: torch.device):
         self.rank, self.world = process_rank()
         torch.manual_seed(cfg.seed + self.rank * 2**32)  # t and ε: process r's own stream; process 0's as ever
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.lr = cfg, device, 0.0
         self.fast = FastPath.choose(cfg, device, images=data.x.dim() == 4)
         self.model = model.to(device, memory_format=torch.channels_last if self.fast.channels_last else
                               torch.preserve_format).train()
@@ -1714,14 +1680,13 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=self.fast.fused_adam)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: lr_factor(n, cfg))
         self.order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
         self.rng, self.counters = GlobalRNG(device), LoopCounters()
         self.model_fn = torch.compile(self.ddp) if cfg.compile else self.ddp  # `model` keeps the plain weights
 
     def inventory(self) -> dict:
         """STATE_KEYS → the object holding that piece of state; each has state_dict() and load_state_dict()."""
-        parts = (self.model, self.ema.model, self.optimizer, self.schedule, self.order, self.rng, self.counters)
+        parts = (self.model, self.ema.model, self.optimizer, self.order, self.rng, self.counters)
         return dict(zip(STATE_KEYS, parts))
 
     def state(self) -> dict:
@@ -1734,11 +1699,15 @@ class Trainer:
         for name, part in self.inventory().items():
             part.load_state_dict(state[name])
 
-    def step(self, signum: int | None = None) -> float:
+    def step(self, stop: StopOnSignal | None = None) -> int | None:
         """One step of [DDPM Alg. 1] on the next batch: train_step, then the update and the EMA if the loss and the
-        gradient are finite (else the update is skipped and counted). Returns the loss. signum: the signal this
-        process got, if any; under torchrun, stop_signal is then the one any process got."""
+        gradient are finite (else the update is skipped and counted). Returns the signal to stop on, if one came
+        (stop.signum, read once the gradient is computed); under torchrun, one that any process got, so that all
+        stop after the same step."""
         cfg, c = self.cfg, self.counters
+        self.lr = cfg.lr * lr_factor(c.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
         # Under torchrun all processes draw the same batch of B from identical BatchOrders, and process r trains on
         # slice r of it (flips included): the examples a step sees do not depend on the number of processes W.
         idx, flip = (t.view(self.world, -1)[self.rank] for t in self.order.next())
@@ -1747,17 +1716,18 @@ class Trainer:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         loss, grad_norm = train_step(self.model_fn, self.diffusion, x0, y, cfg.grad_clip, self.fast.amp)
         # The one wait for the device per step: whether to update depends on the loss and gradient being finite.
-        values = torch.stack([loss.detach().float(), grad_norm.float()])
+        signum, values = stop and stop.signum, torch.stack([loss.detach().float(), grad_norm.float()])
         if self.world > 1:
             # The same wait carries one all-reduce (a sum) of what all must agree on: the loss (/ W: the mean), the
             # gradient norm (equal on all after DDP: a NaN anywhere skips the step everywhere), and per signal how
-            # many processes got it, so that all stop after the same step.
+            # many processes got it.
             sent = [float(signum == s) for s in (signal.SIGINT, signal.SIGTERM)]
             values = torch.cat([values, torch.tensor(sent, device=values.device)])
             dist.all_reduce(values)
             values[:2] /= self.world
         loss_value, norm_value, *sent = values.tolist()
-        self.stop_signal = next((s for s, n in zip((signal.SIGINT, signal.SIGTERM), sent) if n), None)
+        if sent:
+            signum = next((s for s, n in zip((signal.SIGINT, signal.SIGTERM), sent) if n), None)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.optimizer.step()
             self.ema.update(c.step)
@@ -1768,67 +1738,68 @@ class Trainer:
                 print(f"warning: step {c.step + 1}: loss {loss_value}, gradient norm {norm_value}; update skipped "
                       f"({c.bad_streak} in a row)", file=sys.stderr)
         self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()
         c.step += 1
-        return loss_value
+        return signum
 
 
-def measure_threads(trainer: Trainer) -> int:
-    """For --threads 0 on a CPU: times a few training steps with one thread per core and with one thread, sets the
-    faster, and returns it. Threads that wait for each other stall when another program holds a core (a shared
-    machine, a second run): measured here, one thread then trains the moons 2.4× and the MNIST U-Net 1.5× faster,
-    while on an idle machine all cores win (1.2× and 1.8×). train() saves the choice with the config, so that a resume
-    computes with the same thread count: float sums split another way are not bit-identical."""
-    cores, timings = torch.get_num_threads(), {}
-    model = copy.deepcopy(trainer.model)  # steps on a copy, without optimizer: the run's weights stay untouched
-    with torch.random.fork_rng(devices=[]):  # and so do its random streams
-        idx = torch.randint(0, len(trainer.data.x), (trainer.cfg.batch_size // trainer.world,))
-        x0, y = trainer.data.batch(idx, torch.zeros(len(idx), dtype=torch.bool))
-        for n in (cores, 1, cores, 1):  # alternating; the second round, warm, is the one kept
-            torch.set_num_threads(n)
-            tic, steps = time.perf_counter(), 0
-            while steps < 3 or time.perf_counter() < tic + 0.1:
-                train_step(model, trainer.diffusion, x0, y, amp_dtype=trainer.fast.amp)
-                steps += 1
-            timings[n] = (time.perf_counter() - tic) / steps
-    best = min(timings, key=timings.get)
-    torch.set_num_threads(best)
-    print(f"threads: {best} (a training step took {1e3 * timings[cores]:.1f} ms with {cores}, "
-          f"{1e3 * timings[1]:.1f} ms with 1; --threads N sets it)")
-    return best
-
-
-def use_threads(cfg: TrainConfig, given: bool = False) -> None:
-    """Sets PyTorch's CPU threads to cfg.threads (0: leaves them): a count given now (given), or one a run measured
-    and saved, which a resume needs for bit-exact sums. OMP_NUM_THREADS in the environment wins over a saved one."""
-    if cfg.threads and (given or "OMP_NUM_THREADS" not in os.environ):
-        torch.set_num_threads(cfg.threads)
+def use_threads(cfg: TrainConfig, state: dict | None = None) -> TrainConfig:
+    """Sets PyTorch's CPU threads and returns cfg holding the count, which checkpoints then save: --threads, else
+    the count saved in `state` (the checkpoint being resumed or sampled), else OMP_NUM_THREADS, else every core
+    this process may use. A function of the machine and the flags, never of a timing: sums split over another
+    number of threads round differently, and the same command must compute the same numbers however busy the
+    machine was when it started (what keeps a busy machine from slowing it 3-4×: the pinning at the top of the file).
+    A count saved on a machine with more cores than this one is not taken."""
+    saved = state["config"].get("threads", 0) if state else 0
+    from_env = int((os.environ.get("OMP_NUM_THREADS") or "0").split(",")[0] or 0)
+    threads = cfg.threads or (saved if saved <= len(CPU_MASK) else 0) or from_env or len(CPU_MASK)
+    torch.set_num_threads(threads)
+    return dataclasses.replace(cfg, threads=threads)
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
     """Refuses --resume without a checkpoint, and a fresh start over one without --overwrite (so no run is lost)."""
     found = find_checkpoints(cfg.out_dir)
     if cfg.resume and not found:
-        raise UserError(f"--resume: no checkpoint in {cfg.out_dir}; start without --resume (resume=False)")
+        newest_checkpoint(cfg)  # raises the one "no checkpoint" error
     if found and not cfg.resume and not cfg.overwrite:
         holder = OutDirLock.holder(cfg.out_dir)  # a run going on there is the first thing to know
         if holder:
             raise UserError(f"{cfg.out_dir} is in use by another training run ({holder}); wait for it to finish "
                             f"or stop it, or use another --out-dir")
-        try:  # mmap: the header alone is read, not the weights
-            header = torch.load(found[0], map_location="cpu", weights_only=True, mmap=True)
-            other = header["config_class"] != type(cfg).__name__ and header["script"]
-        except Exception:  # unreadable: --resume will say why
-            other = None
-        if other:  # --resume would be refused: another script's run
-            raise UserError(f"{cfg.out_dir} holds a {other} run, not one of {script_name(cfg)}; choose another "
-                            f"--out-dir, or --overwrite to replace that run")
+        with contextlib.suppress(CheckpointError):  # unreadable: --resume will say why
+            refuse_foreign(load_checkpoint(found[0], header_only=True), cfg, cfg.out_dir,
+                           "choose another --out-dir, or --overwrite to replace that run")
         raise UserError(f"{cfg.out_dir} already holds a checkpoint ({found[0]}); add --resume to continue that run "
                         f"or --overwrite to start over (from Python: resume=True or overwrite=True in the config)")
 
 
-def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, on_snapshot: Callable | None = None,
-          ckpt: Checkpoint | None = None):
+def claim_out_dir(cfg: TrainConfig, data: Data, stack: contextlib.ExitStack) -> tuple[dict, Path] | None:
+    """Process 0's part of starting a run: what the run is, decided before touching the disk (a refused run changes
+    nothing); then the folder, locked (the lock goes on `stack`, held until train() returns); and for a resume the
+    checkpoint, read under the lock (so no other run can write a newer one meanwhile) and returned with its path."""
+    out_dir = Path(cfg.out_dir)
+    check_out_dir(cfg)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        problem = "it is a file" if out_dir.is_file() else one_line(e)
+        raise UserError(f"cannot create --out-dir {out_dir} ({problem}); choose a writable folder") from None
+    stack.enter_context(OutDirLock(out_dir))
+    check_out_dir(cfg)  # again, now that no other run can change the folder: one may have finished meanwhile
+    for leftover in out_dir.glob(".*.tmp-*"):  # halves of files whose writer was killed
+        leftover.unlink()
+    if cfg.overwrite:
+        for old in find_checkpoints(out_dir) + [out_dir / "metrics.csv"]:
+            old.unlink(missing_ok=True)
+    if not cfg.resume:
+        return None
+    state, path = newest_checkpoint(cfg)
+    guard_resume(state, cfg, path, data.info())
+    set_aside_unusable(out_dir, path)
+    return state, path
+
+
+def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, on_snapshot: Callable | None = None):
     """Trains `model` to predict the noise [DDPM Alg. 1] as Part I's fit() does, with warm-up, checkpoints, exact
     resume, logs and guards.
 
@@ -1836,57 +1807,28 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
         model: the backbone (any nn.Module keeping the contract).  diffusion: the process and its loss.
         data: the training set.  cfg: a TrainConfig (cfg.resume continues the run in cfg.out_dir).
         on_snapshot: fn(ema_model, step), called every cfg.sample_every steps to save pictures.
-        ckpt: the checkpoint to resume from, if the caller has read it already (see open_saved_run).
     Returns:
         The EMA model, in eval mode on the training device: the one to sample from.
     Raises:
         UserError for a problem the user can fix; TrainingInterrupted after SIGINT/SIGTERM, its checkpoint written.
     """
     cfg.check()
-    if data.x.is_floating_point() and not data.x.isfinite().all():
-        raise UserError("the training data holds NaN or Inf values; clean or drop those examples")
     if len(data.x) == 0:
         raise UserError("the training set is empty; give it at least one example")
-    use_threads(cfg)  # from Python as from the command line
-    device, out_dir = choose_device(cfg.device), Path(cfg.out_dir)
-
-    def claim():  # under torchrun, process 0's alone (on_rank_0)
-        nonlocal ckpt
-        check_out_dir(cfg)  # decide what this run is before touching the disk: a refused run changes nothing
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            problem = "it is a file" if out_dir.is_file() else one_line(e)
-            raise UserError(f"cannot create --out-dir {out_dir} ({problem}); choose a writable folder") from None
-        lock.enter_context(OutDirLock(out_dir))
-        check_out_dir(cfg)  # again, now that no other run can change the folder: one may have finished meanwhile
-        for leftover in out_dir.glob(".*.tmp-*"):  # halves of files whose writer was killed
-            leftover.unlink()
-        if cfg.overwrite:
-            for old in find_checkpoints(out_dir) + [out_dir / "metrics.csv"]:
-                old.unlink(missing_ok=True)
+    if data.x.is_floating_point() and not data.x.isfinite().all():
+        raise UserError("the training data holds NaN or Inf values; clean or drop those examples")
+    device = choose_device(cfg.device)
+    with contextlib.ExitStack() as stack, StopOnSignal() as stop:
+        # Process 0 claims the folder and reads the checkpoint; the others wait, then read the one it chose.
+        resumed = on_rank_0(lambda: claim_out_dir(cfg, data, stack))
         if cfg.resume:
-            # The checkpoint the caller read, unless another run has written a newer one since.
-            newest = find_checkpoints(out_dir)[0]
-            if ckpt is None or ckpt.path != newest or newest.stat().st_mtime_ns != ckpt.mtime_ns:
-                ckpt = newest_checkpoint(out_dir)
-            guard_resume(ckpt.state, cfg, data.info(), ckpt.path)
-            set_aside_unusable(out_dir, ckpt.path)
-
-    with contextlib.ExitStack() as lock:
-        on_rank_0(claim)  # the others wait, then read the checkpoint process 0 chose: the newest left
-        with StopOnSignal() as stop:
-            trainer = Trainer(model, diffusion, data, cfg, device)
-            # A fresh CPU run of 200+ steps measures its thread count (the probe, under a second, is then small next
-            # to the run); a resume keeps the count saved in its config, and OMP_NUM_THREADS or --threads skip it.
-            if (not cfg.threads and not cfg.resume and device.type == "cpu" and cfg.steps >= 200 and trainer.world == 1
-                    and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in os.environ):
-                trainer.cfg = cfg = dataclasses.replace(cfg, threads=measure_threads(trainer))
-            if cfg.resume:
-                ckpt = ckpt if trainer.rank == 0 else newest_checkpoint(out_dir)
-                trainer.restore(ckpt.state)
-                print(f"resuming from {ckpt.path} at step {trainer.counters.step}")
-            return _train_loop(trainer, on_snapshot, out_dir, stop)
+            state, path = resumed or newest_checkpoint(cfg)
+        cfg = use_threads(cfg, state if cfg.resume else None)  # a resume computes with the run's thread count
+        trainer = Trainer(model, diffusion, data, cfg, device)
+        if cfg.resume:
+            trainer.restore(state)
+            print(f"resuming from {path} at step {trainer.counters.step}")
+        return _train_loop(trainer, on_snapshot, Path(cfg.out_dir), stop)
 
 
 def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal):
@@ -1903,8 +1845,7 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
     tic, window = time.perf_counter(), 0  # the steps since the last log line, and their time (not sampling or saving)
     stop.training = True  # from here a signal asks to stop after the step, with a checkpoint
     while c.step < cfg.steps:
-        lr = trainer.schedule.get_last_lr()[0]  # the rate this step uses
-        trainer.step(stop.signum)
+        agreed = trainer.step(stop)
         window, stop.unsaved = window + 1, stop.unsaved + 1
         if c.bad_streak >= cfg.max_bad_steps:
             saved = find_checkpoints(out_dir)
@@ -1915,10 +1856,11 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             rate = window * cfg.batch_size / max(time.perf_counter() - tic, 1e-9)
             mean_loss = c.loss_sum / c.loss_count if c.loss_count else float("nan")
             eta = int((cfg.steps - c.step) * cfg.batch_size / max(rate, 1e-9))
-            print(f"step {c.step}/{cfg.steps} ({100 * c.step // cfg.steps}%) | loss {mean_loss:.4f} | lr {lr:.1e} | "
-                  f"{rate:,.0f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
+            print(f"step {c.step}/{cfg.steps} ({100 * c.step // cfg.steps}%) | loss {mean_loss:.4f} | lr "
+                  f"{trainer.lr:.1e} | {rate:,.0f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}",
+                  flush=True)
             if main:
-                metrics.append(c.step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{rate:.1f}", c.skipped)
+                metrics.append(c.step, f"{mean_loss:.6g}", f"{trainer.lr:.6g}", f"{rate:.1f}", c.skipped)
             if c.step % cfg.log_every == 0:  # a run's last row may end a window early; a longer resume then
                 c.loss_sum, c.loss_count = 0.0, 0  # continues that window, so its next row matches an unbroken run
             tic, window = time.perf_counter(), 0
@@ -1929,19 +1871,20 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             except SamplingStopped:  # a signal came while drawing: go straight on to the checkpoint
                 print(f"step {c.step}: picture abandoned for the stop", flush=True)
             tic, window = time.perf_counter(), 0
-        # Read once: a signal arriving between two reads must not skip the save. Under torchrun: what all agreed on.
-        stopping = stop.signum if trainer.world == 1 else trainer.stop_signal
+        # The stop: one process reads it now, as late as it can (a signal during the log or a picture counts);
+        # under torchrun it is the one all processes agreed on in step(), so that all stop after the same step.
+        stopping = stop.signum if trainer.world == 1 else agreed
         if c.step % cfg.ckpt_every == 0 or c.step == cfg.steps or stopping:
             state = trainer.state()  # under torchrun a collective (GlobalRNG's)
             if main:
                 metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
-                save_checkpoint(state, out_dir, cfg.keep_ckpts)
+                path = save_checkpoint(state, out_dir, cfg.keep_ckpts)
             tic, window, stop.unsaved = time.perf_counter(), 0, 0
         if stopping:
             if trainer.world > 1:  # none exits before the checkpoint is written, or torchrun would stop process 0
                 dist.barrier()
             raise TrainingInterrupted(f"stopped by {signal.Signals(stopping).name} at step {c.step}/{cfg.steps}; "
-                                      f"checkpoint saved to {checkpoint_path(out_dir, 0)}\nresume with: "
+                                      f"checkpoint saved to {path if main else out_dir}\nresume with: "
                                       f"{resume_command()}", 128 + stopping)
     return trainer.ema.model
 
@@ -1955,7 +1898,7 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     """
     from torch.utils.flop_counter import FlopCounterMode
     device = choose_device(cfg.device)
-    trainer = Trainer(model, diffusion, data, cfg, device)
+    trainer = Trainer(model, diffusion, data, use_threads(cfg), device)
     with FlopCounterMode(display=False) as counter:
         x0, y = trainer.data.batch(*(t.to(device) for t in trainer.order.next()))
         train_step(trainer.model, trainer.diffusion, x0, y, cfg.grad_clip, trainer.fast.amp)
@@ -1975,14 +1918,12 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     img_per_s = steps * cfg.batch_size / seconds  # under torchrun, of all processes: B is the global batch
     if device.type == "cuda":
         peak, where = torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
-    else:
-        import resource  # peak resident memory of the whole process: KiB on Linux, bytes on macOS
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak, where = maxrss / (2**30 if sys.platform == "darwin" else 2**20), "process"
-    tflops = flops_per_image * img_per_s / 1e12
+    else:  # the peak resident memory of the whole process, which Linux gives in KiB (macOS: in bytes)
+        import resource
+        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process"
+    tflops, fast = flops_per_image * img_per_s / 1e12, trainer.fast
     params = sum(p.numel() for p in model.parameters())
     per = f" ({img_per_s / trainer.world:,.0f} per {where}, {trainer.world} processes)" if trainer.world > 1 else ""
-    fast = trainer.fast
     print(f"bench: {params / 1e6:.1f}M parameters | batch {cfg.batch_size} | amp {'bf16' if fast.amp else 'none'} | "
           f"channels-last {fast.channels_last} | fused AdamW {fast.fused_adam} | compile {cfg.compile} | "
           f"{steps} steps in {seconds:.2f} s | {img_per_s:,.0f} img/s{per} | "
@@ -1991,6 +1932,8 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     return {"img_per_s": img_per_s, "flops_per_image": flops_per_image, "tflops": tflops, "peak_gib": peak}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# 11. The command line's runner: one line per problem, an exit status per outcome
 # ----------------------------------------------------------------------------------------------------------------------
 
 EXIT_STATUS = """exit status: 0 done; 1 a problem the printed line explains (nothing was changed); 2 a malformed
@@ -2006,26 +1949,25 @@ class SurvivingStdout:
 
     def _guard(self, method, *args):
         try:
-            return getattr(self.stream, method)(*args)
+            return method(*args)
         except BrokenPipeError:  # point the file descriptor at /dev/null: later writes and the final flush succeed
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 
-    def write(self, text):
-        self._guard("write", text)
-        return len(text)
+    def write(self, text: str) -> int:
+        return self._guard(self.stream.write, text) or len(text)
 
-    def flush(self):
-        self._guard("flush")
+    def flush(self) -> None:
+        self._guard(self.stream.flush)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # isatty, fileno, … of the stream itself
         return getattr(self.stream, name)
 
 
 def cli(config_cls, main: Callable, argv=None) -> int:
-    """Runs main(cfg, ckpt) with cfg parsed from the command line (ckpt: the run's checkpoint, read once, for
-    --resume and --sample-only; else None), and returns the process exit status (EXIT_STATUS): 130 or 143 after
-    the first signal with a checkpoint of the step reached (the printed command resumes it), after a third one at
-    once (see StopOnSignal), with the last checkpoint written before intact."""
+    """Runs main(cfg) with cfg parsed from the command line (for --resume and --sample-only, on top of the run's
+    saved settings) and returns the process exit status (EXIT_STATUS): 130 or 143 after the first signal with a
+    checkpoint of the step reached (the printed command resumes it), after a third one at once (see StopOnSignal),
+    with the last checkpoint written before intact."""
     script = sys.modules.get(getattr(main, "__module__", ""), None)
     examples = (script.__doc__ or "").split("\n\n", 1)[1:] if script else []  # the script's docstring, but its title
     epilog = "".join(f"examples and outputs:\n{text}\n" for text in examples) + EXIT_STATUS
@@ -2038,14 +1980,10 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         sys.stdout = SurvivingStdout(sys.stdout)
     # Everything the user can fix arrives here as a UserError with one line; only a bug leaves a traceback.
     try:
-        ckpt = None
         if cfg.resume or cfg.sample_only:
-            cfg, ckpt = open_saved_run(cfg, given)
+            cfg = saved_settings(cfg, given)
         cfg.check()
-        check_threads(given.get("threads", 0))
-        use_threads(cfg, given="threads" in given)
-        setup_distributed(cfg.device)  # under torchrun, before any process reads data
-        main(cfg, ckpt)
+        main(use_threads(cfg))
         if dist.is_initialized():  # leave together: a process that tears down while process 0 still draws pictures
             dist.barrier()         # can take the group's background threads down with an abort
         return 0
@@ -2061,18 +1999,20 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         # Leave at once: after a peer's death gloo can abort the interpreter's exit ("terminate called …"), even
         # with the group destroyed. Nothing is left to tidy: checkpoints are written whole, the lock dies with us.
         sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(1)
     except TrainingInterrupted as e:
+        # Saved and stopping: another Ctrl-C changes nothing now, and must not turn a script's exit into a traceback
+        # (a script's process ends on return; cli called from Python gets its handlers back).
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         if process_rank()[0] == 0:  # under torchrun all processes stopped together; process 0 speaks for all
             print(e, file=sys.stderr)
+        for s, handler in previous.items() if getattr(main, "__module__", "") != "__main__" else ():
+            signal.signal(s, handler)
         return e.exit_code
     except KeyboardInterrupt as e:  # a signal before the first step, a third one during training, or Ctrl-C outside
-        if getattr(e, "before_training", False):
-            print(f"stopped by {e} before the first training step: nothing was trained, so nothing was lost"
-                  + ("" if not find_checkpoints(cfg.out_dir) else f"; {saved_progress(cfg)}"), file=sys.stderr)
-        else:
-            print(f"aborted; {saved_progress(cfg)}", file=sys.stderr)
+        print(f"stopped by {e} before the first training step: nothing was trained, so nothing was lost"
+              + ("" if not find_checkpoints(cfg.out_dir) else f"; {saved_progress(cfg)}")
+              if getattr(e, "before_training", False) else f"aborted; {saved_progress(cfg)}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -2084,16 +2024,18 @@ def cli(config_cls, main: Callable, argv=None) -> int:
 
 def saved_progress(cfg: TrainConfig) -> str:
     """What an aborted run leaves: its newest checkpoint, and whether to resume it or sample from it."""
-    saved = find_checkpoints(cfg.out_dir)
-    if not saved:
+    try:
+        state, path = newest_checkpoint(cfg, header_only=True)
+    except UserError:
         return "no checkpoint was written"
-    try:  # mmap: only the step is read, not the weights
-        done = torch.load(saved[0], map_location="cpu", weights_only=True, mmap=True)["step"] >= cfg.steps
-    except Exception:
-        done = False
-    return f"the last checkpoint written, {saved[0]}, is intact (" + (
+    done = state["step"] >= cfg.steps
+    return f"the last checkpoint written, {path}, is intact (" + (
         "training had finished; draw samples with --sample-only)" if done else "resume with --resume)")
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 12. Drawing samples: progress, the stop, the sampler the flags name, the loss plot
+# ----------------------------------------------------------------------------------------------------------------------
 
 class Progress:
     """A wait that says what it does and how far it is, on the line that announces it, updated in place:
@@ -2204,7 +2146,9 @@ def plot_loss(out_dir) -> None:
     plt.close(fig)
 
 
-# --- Image experiments: the shared body of train_mnist.py and train_cifar.py ---
+# ----------------------------------------------------------------------------------------------------------------------
+# 13. Image experiments: the shared body of train_mnist.py and train_cifar.py
+# ----------------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class ImageConfig(TrainConfig):
@@ -2232,8 +2176,6 @@ class ImageConfig(TrainConfig):
                                "sampler": ("auto", "ddpm", "ddim")}
     AT_LEAST: ClassVar[dict] = {**TrainConfig.AT_LEAST, "image_size": 1, "dump_samples": 0, "sample_steps": 0,
                                 "nll": -1}
-    METAVARS: ClassVar[dict] = {**TrainConfig.METAVARS, "data_dir": "DIR", "data": "FOLDER", "dump_dir": "DIR",
-                                "label": "CLASS"}
 
     def check(self) -> None:
         super().check()
@@ -2250,8 +2192,6 @@ def load_image_folder(cfg: ImageConfig) -> Data:
     Returns: Data with x (N, C, S, S) uint8, y (N,) and the class names (the sub-folder names, sorted).
     Raises UserError for a missing folder, a folder without images, or a file that is not an image.
     """
-    from functools import partial
-
     from PIL import Image
     from torchvision import datasets, transforms
     root = Path(cfg.data)
@@ -2265,11 +2205,18 @@ def load_image_folder(cfg: ImageConfig) -> Data:
                         f"there is one class")
     # Every file becomes the same shape: any mode (palette, RGBA, greyscale) converted to the channels asked for;
     # the short side scaled to the target and the middle cut out, so no image is stretched.
-    to_tensor = transforms.Compose([
-        partial(Image.Image.convert, mode="L" if cfg.channels == 1 else "RGB"),
-        transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size), transforms.PILToTensor()])
+    to_tensor = transforms.Compose([transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size),
+                                    transforms.PILToTensor()])
+
+    def load(path):  # PIL's message does not always name the file (a truncated one): this one does
+        try:
+            with Image.open(path) as image:
+                return image.convert("L" if cfg.channels == 1 else "RGB")
+        except OSError as e:
+            raise OSError(f"cannot read {path} ({one_line(e)})") from None
+
     try:
-        folder = datasets.ImageFolder(root, transform=to_tensor)
+        folder = datasets.ImageFolder(root, transform=to_tensor, loader=load)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"--data {root}: no images found ({one_line(e)}); put .png or .jpg files into one "
                         f"sub-folder per class") from None
@@ -2278,22 +2225,10 @@ def load_image_folder(cfg: ImageConfig) -> Data:
     try:
         batches = list(torch.utils.data.DataLoader(folder, batch_size=500, num_workers=workers))
     except OSError as e:  # PIL raises OSError subclasses for files that are not images
-        bad = next((p for p, _ in folder.samples if not _image_opens(p)), "one of the files")
-        raise UserError(f"--data {root}: cannot read {bad} ({one_line(e)}); remove or fix that file") from None
+        raise UserError(f"--data {root}: {one_line(e)}; remove or fix that file") from None
     print(f"data: {len(folder):,} images of {len(folder.classes)} classes from {root}")
     return Data(x=torch.cat([b[0] for b in batches]), y=torch.cat([b[1] for b in batches]),
                 class_names=tuple(folder.classes), hflip=cfg.hflip)
-
-
-def _image_opens(path) -> bool:
-    """Whether PIL can decode the whole file (used only to name the culprit after a failure)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return True
-    except OSError:
-        return False
 
 
 def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str, train: bool = True):
@@ -2339,23 +2274,6 @@ def labels_to_draw(label: str, class_names) -> list[int]:
                     f"{', '.join(class_names)}")
 
 
-def generate_images(diffusion, model, cfg, y, shape, generator, return_trajectory=False, progress=None):
-    """Images for the labels y, drawn cfg.batch_size at a time with the configured sampler and guidance.
-
-    Args: y (N,) labels, shape (C, H, W), generator the noise source, progress a Progress counting sampling steps.
-    Returns: (N, C, H, W) on the CPU in [−1, 1]; with return_trajectory also (steps + 1, N, C, H, W).
-    """
-    device = diffusion.betas.device
-    # In chunks of the training batch size: it is known to fit in memory (guidance doubles each chunk inside the
-    # sampler, and sampling keeps no activations for a backward pass, so it fits).
-    results = [draw(diffusion, model, cfg, (len(chunk), *shape), y=chunk.to(device), generator=generator,
-                    clip_x0=True, return_trajectory=return_trajectory, progress=progress)
-               for chunk in y.split(cfg.batch_size)]
-    if return_trajectory:
-        return torch.cat([r[0] for r in results]).cpu(), torch.cat([r[1] for r in results], dim=1)
-    return torch.cat(results).cpu().clamp(-1, 1)
-
-
 def save_image_grid(images, ncol: int, path: Path, row_names=(), title: str = "") -> None:
     """Saves a PNG grid of images (N, C, H, W) in [−1, 1], ncol per row; row_names label the rows from the top
     ("" for none). Row labels and title are never cut off, whatever the width of the grid."""
@@ -2386,97 +2304,102 @@ def output_path(cfg: TrainConfig, name: str) -> Path:
     path = Path(cfg.out_dir) / name
     if not cfg.sample_only:
         return path
-    steps = cfg.sample_steps if cfg.sampler == "ddim" else cfg.num_timesteps
     label = getattr(cfg, "label", "all")
     # Every setting that changes what is drawn is in the name, so that no two --sample-only calls share a file;
     # "+" is kept: 1e+06 and 1e-06 are different weights.
-    tag = (f"{cfg.sampler}{steps}_w{cfg.guidance:g}_n{cfg.num_samples}" + ("" if label == "all" else f"_{label}")
-           + f"_seed{cfg.seed}")
+    tag = (f"{cfg.sampler}{sampling_steps(cfg)}_w{cfg.guidance:g}_n{cfg.num_samples}"
+           + ("" if label == "all" else f"_{label}") + f"_seed{cfg.seed}")
     return path.with_name(path.stem + "_" + re.sub(r"[^\w.+-]+", "-", tag) + path.suffix)
 
 
-def sampling_progress(cfg, images: int, path: Path, prefix: str = "") -> Progress:
-    """The line that announces a picture: which file, how many images, which sampler, how many steps, guidance."""
-    steps, chunks = sampling_steps(cfg), math.ceil(images / max(cfg.batch_size, 1))
-    return Progress(f"{prefix}drawing {path} ({images:,} images, {cfg.sampler} {steps} steps, guidance "
-                    f"{cfg.guidance:g})", steps * chunks, " steps" if chunks == 1 else f" steps of {chunks} batches")
+class ImageSampler:
+    """A trained class-conditional U-Net and what drawing from it takes (the diffusion, the config with its sampler
+    resolved for the device, the class names), with the three things drawn from it: a class grid, the reverse
+    process, and single files for FID. Images come cfg.batch_size at a time: a batch that trained fits in memory
+    (guidance doubles it inside the sampler, but sampling keeps no activations for a backward pass)."""
 
+    def __init__(self, diffusion: Diffusion, model: nn.Module, cfg: ImageConfig, class_names):
+        self.diffusion, self.model, self.class_names = diffusion, model, class_names
+        self.cfg = resolve_sampler(cfg, diffusion.betas.device)
+        # (C, H, W): C from the U-Net's first convolution, the side from the config (the one training saw, saved).
+        self.shape = (model.conv_in.in_channels, cfg.image_size, cfg.image_size)
 
-def save_class_grid(diffusion, model, cfg, class_names, labels, path: Path, title: str = "", prefix: str = "") -> None:
-    """About cfg.num_samples images of the requested classes, from fixed noise (seeded by cfg.seed) so that grids
-    saved during training compare like for like. Several classes: rows of at most 10 per class, each class's first
-    row labelled; one class: a square grid. prefix begins the progress line."""
-    cfg = resolve_sampler(cfg, diffusion.betas.device)
-    per_class = max(1, cfg.num_samples // len(labels))
-    ncol = min(per_class, 10) if len(labels) > 1 else math.ceil(math.sqrt(per_class))
-    per_class = per_class // ncol * ncol if len(labels) > 1 else per_class  # whole rows: classes never share one
-    y = torch.tensor(labels).repeat_interleave(per_class)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    with sampling_progress(cfg, len(y), path, prefix) as progress:
-        images = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator, progress=progress)
-    rows = per_class // ncol if len(labels) > 1 else 0
-    names = [class_names[i] if r == 0 else "" for i in labels for r in range(rows)]
-    title = f"{class_names[labels[0]]}: {title}" if len(labels) == 1 else title
-    save_image_grid(images, ncol, path, names, title)
+    def generate(self, y, generator, progress: Progress, return_trajectory=False):
+        """Images (N, C, H, W) on the CPU in [−1, 1] for the labels y (N,); also the trajectory, if asked."""
+        results = [draw(self.diffusion, self.model, self.cfg, (len(chunk), *self.shape), generator=generator,
+                        y=chunk.to(self.diffusion.betas.device), clip_x0=True, return_trajectory=return_trajectory,
+                        progress=progress) for chunk in y.split(self.cfg.batch_size)]
+        if return_trajectory:
+            return torch.cat([r[0] for r in results]).cpu(), torch.cat([r[1] for r in results], dim=1)
+        return torch.cat(results).cpu().clamp(-1, 1)
 
+    def progress(self, what: str, images: int) -> Progress:
+        """The line that announces a drawing: what, how many images, which sampler and steps, which guidance."""
+        cfg = self.cfg
+        chunks = math.ceil(images / cfg.batch_size)
+        return Progress(f"{what} ({images:,} images, {cfg.sampler} {sampling_steps(cfg)} steps, guidance "
+                        f"{cfg.guidance:g})", sampling_steps(cfg) * chunks,
+                        " steps" if chunks == 1 else f" steps of {chunks} batches")
 
-def model_input_shape(model, cfg) -> tuple:
-    """(C, H, W) of the images to sample: C from the U-Net's first convolution, the side from the config (the one
-    training saw, recorded in the checkpoint)."""
-    return (model.conv_in.in_channels, cfg.image_size, cfg.image_size)
+    def grid(self, labels: list, path: Path, title: str = "", prefix: str = "") -> None:
+        """About cfg.num_samples images of the classes `labels`, from fixed noise (seeded by cfg.seed), so that grids
+        saved during training compare like for like. Several classes: rows of at most 10 per class, each class's
+        first row labelled; one class: a square grid. prefix begins the progress line."""
+        per_class = max(1, self.cfg.num_samples // len(labels))
+        ncol = min(per_class, 10) if len(labels) > 1 else math.ceil(math.sqrt(per_class))
+        per_class = per_class // ncol * ncol if len(labels) > 1 else per_class  # whole rows: classes never share one
+        y = torch.tensor(labels).repeat_interleave(per_class)
+        with self.progress(f"{prefix}drawing {path}", len(y)) as progress:
+            images = self.generate(y, torch.Generator().manual_seed(self.cfg.seed), progress)
+        rows = per_class // ncol if len(labels) > 1 else 0
+        names = [self.class_names[i] if r == 0 else "" for i in labels for r in range(rows)]
+        title = f"{self.class_names[labels[0]]}: {title}" if len(labels) == 1 else title
+        save_image_grid(images, ncol, path, names, title)
 
+    def reverse(self, labels: list, path: Path, frames: int = 10) -> None:
+        """The reverse process of one image per class in `labels` (up to ten rows), `frames` evenly spaced moments
+        from x_T (left) to x_0 (right): noise becomes a blurry guess, then detail."""
+        y = torch.tensor(labels[:10])
+        with self.progress(f"drawing {path}", len(y)) as progress:
+            _, trajectory = self.generate(y, torch.Generator().manual_seed(self.cfg.seed + 1), progress,
+                                          return_trajectory=True)  # (steps + 1, N, C, H, W)
+        picks = torch.linspace(0, len(trajectory) - 1, frames).round().long()
+        images = trajectory[picks].transpose(0, 1).reshape(-1, *trajectory.shape[2:])  # row i: image i over time
+        save_image_grid(images, frames, path, [self.class_names[i] for i in y.tolist()], "reverse process: x_T → x_0")
 
-def save_reverse_picture(diffusion, model, cfg, class_names, labels, path: Path, frames: int = 10) -> None:
-    """Saves the reverse process for one image per requested class (up to ten rows), `frames` evenly spaced
-    moments from x_T (left) to x_0 (right): noise becomes a blurry guess, then detail."""
-    cfg = resolve_sampler(cfg, diffusion.betas.device)
-    y = torch.tensor(labels[:10])
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    with sampling_progress(cfg, len(y), path) as progress:
-        _, trajectory = generate_images(diffusion, model, cfg, y, model_input_shape(model, cfg), generator,
-                                        return_trajectory=True, progress=progress)  # (steps + 1, N, C, H, W)
-    picks = torch.linspace(0, len(trajectory) - 1, frames).round().long()
-    images = trajectory[picks].transpose(0, 1).reshape(-1, *trajectory.shape[2:])  # row i: image i over time
-    save_image_grid(images, frames, path, [class_names[i] for i in y.tolist()], "reverse process: x_T → x_0")
+    def dump(self, labels: list, folder: Path) -> None:
+        """Writes cfg.dump_samples single PNGs into folder, named <index>_<class>.png, for FID tools.
+
+        Labels go round the classes in turn, so each gets the same share (±1) of the images. They come in chunks of
+        cfg.batch_size, chunk k's noise from a generator seeded by cfg.seed + 2 + k·2³², so that sample i is the same
+        image however many processes share the work (under torchrun, chunk k goes to process k mod W). Each chunk is
+        written as it comes: 50,000 samples never sit in memory together, and a stopped dump keeps its files.
+        """
+        from torchvision.utils import save_image
+        check_dump_dir(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        rank, world = process_rank()
+        if world > 1:
+            dist.barrier()  # every process has found the folder empty before any writes into it
+        cfg, y = self.cfg, torch.tensor(labels)[torch.arange(self.cfg.dump_samples) % len(labels)]
+        mine = [(k, chunk) for k, chunk in enumerate(y.split(cfg.batch_size)) if k % world == rank]
+        what = (f"writing {len(y):,} samples into {folder} ({cfg.sampler} {sampling_steps(cfg)} steps, guidance "
+                f"{cfg.guidance:g}" + (f", {world} processes" if world > 1 else "") + "), sampling steps")
+        with Progress(what, len(mine) * sampling_steps(cfg)) as progress:  # this process's share
+            for k, chunk in mine:
+                images = self.generate(chunk, torch.Generator().manual_seed(cfg.seed + 2 + k * 2**32), progress)
+                for i, (image, label) in enumerate(zip(images, chunk.tolist()), start=k * cfg.batch_size):
+                    name = re.sub(r"[^\w.-]+", "_", self.class_names[label])
+                    save_image((image + 1) / 2, folder / f"{i:06d}_{name}.png")
+        if world > 1:
+            dist.barrier()  # every process has written its share
+        print(f"wrote {len(y):,} samples to {folder}")
 
 
 def check_dump_dir(folder: Path) -> None:
     """--dump-dir must be new or empty: samples of two runs mixed in one folder would give a meaningless FID."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--dump-dir {folder} is not empty (or not a folder); give a new folder, or empty this one")
-
-
-def dump_samples(diffusion, model, cfg, class_names, labels, folder: Path) -> None:
-    """Writes cfg.dump_samples single PNGs into folder, named <index>_<class>.png, for FID tools.
-
-    Labels go round the requested classes in turn, so every class gets the same share (±1) of the images. The samples
-    come in chunks of cfg.batch_size, chunk k's noise from a generator seeded by cfg.seed + 2 + k·2³², so that sample
-    i is the same image however many processes share the work (under torchrun, chunk k goes to process k mod W).
-    """
-    from torchvision.utils import save_image
-    cfg = resolve_sampler(cfg, diffusion.betas.device)
-    check_dump_dir(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rank, world = process_rank()
-    if world > 1:
-        dist.barrier()  # every process has found the folder empty before any writes into it
-    y = torch.tensor(labels)[torch.arange(cfg.dump_samples) % len(labels)]
-    shape, size = model_input_shape(model, cfg), max(cfg.batch_size, 1)
-    # One batch at a time, written as it comes: 50,000 samples never sit in memory together, and an interrupted
-    # dump keeps the files written so far.
-    mine = [(k, chunk) for k, chunk in enumerate(y.split(size)) if k % world == rank]
-    what = (f"writing {len(y):,} samples into {folder} ({cfg.sampler} {sampling_steps(cfg)} steps, guidance "
-            f"{cfg.guidance:g}" + (f", {world} processes" if world > 1 else "") + "), sampling steps")
-    with Progress(what, len(mine) * sampling_steps(cfg)) as progress:
-        for k, chunk in mine:
-            generator = torch.Generator().manual_seed(cfg.seed + 2 + k * 2**32)
-            images = generate_images(diffusion, model, cfg, chunk, shape, generator, progress=progress)
-            for i, (image, label) in enumerate(zip(images, chunk.tolist()), start=k * size):
-                name = re.sub(r"[^\w.-]+", "_", class_names[label])
-                save_image((image + 1) / 2, folder / f"{i:06d}_{name}.png")
-    if world > 1:
-        dist.barrier()  # every process has written its share
-    print(f"wrote {len(y):,} samples to {folder}")
 
 
 def build_image_model(cfg: ImageConfig, channels: int, num_classes: int) -> UNet:
@@ -2492,10 +2415,7 @@ def warn_if_gpu_sized(model: nn.Module, diffusion: Diffusion, data: Data, cfg: I
     """Before a CPU run of a U-Net sized for a GPU (over 10M parameters: base, large), times one training step of
     4 images on a copy and says what the whole run means here: img/s and the days it would take."""
     params = sum(p.numel() for p in model.parameters())
-    kind = cfg.device.split(":")[0]
-    if kind == "auto":  # as choose_device will decide
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if params < 10_000_000 or kind != "cpu" or process_rank()[0] > 0:
+    if params < 10_000_000 or choose_device(cfg.device).type != "cpu" or process_rank()[0] > 0:
         return
     n = min(4, len(data.x))
     print(f"timing one training step of {n} images of U-Net {cfg.model!r} on this CPU ...", flush=True)
@@ -2516,7 +2436,7 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     Table 2 (≤ 3.70 on CIFAR-10's test set). The labels are left out (y = ∅, the unconditional model that guidance
     trains along), as DDPM's model had none. The held-out images: the built-in test split, or for --data .../train
     a sibling folder named test. Returns the mean, or None when there is no held-out split."""
-    n = cfg.nll if cfg.nll >= 0 else 100 if diffusion.betas.device.type == "cuda" else 10
+    n, device = cfg.nll if cfg.nll >= 0 else 100 if diffusion.betas.device.type == "cuda" else 10, diffusion.betas.device
     if not cfg.data:
         test = load_builtin(cfg, train=False)
     elif Path(cfg.data).name == "train" and (Path(cfg.data).parent / "test").is_dir():
@@ -2528,12 +2448,12 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
         return None
     idx = torch.randperm(len(test.x), generator=torch.Generator().manual_seed(cfg.seed))[:n]
     x0, _ = test.batch(idx, flip=torch.zeros(len(idx), dtype=torch.bool))  # (N, C, H, W) in [−1, 1], no flips
-    device, bits = diffusion.betas.device, []
     size = max(1, min(len(x0), 2**14 // x0[0].numel()))  # images per call of nll_bound: progress every few seconds
     what = f"bits/dim of the EMA model on {len(x0)} held-out images (T = {diffusion.num_timesteps} terms each)"
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
             Progress(what, len(x0), " images") as progress:
         torch.manual_seed(cfg.seed)  # the x_t of each term: the same number from the same command
+        bits = []
         for chunk in x0.split(size):
             bits.append(diffusion.nll_bound(model, chunk.to(device), discrete=True).cpu())
             progress.advance(len(chunk))
@@ -2544,18 +2464,42 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     return bits.mean().item()
 
 
-def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None = None) -> None:
+def train_images(cfg: ImageConfig, diffusion: Diffusion, load_builtin: Callable) -> tuple[nn.Module, ImageConfig, tuple]:
+    """run_images' training: the data, the U-Net, train() with a class grid every cfg.sample_every steps. Returns
+    the EMA model, cfg with the image side trained on, and the class names."""
+    check_out_dir(cfg)  # refuse a wrong --resume or --overwrite now, not after loading the data
+    data = load_image_folder(cfg) if cfg.data else load_builtin(cfg)
+    # The config records the side the model was trained on (a built-in data set fixes it whatever --image-size
+    # said), so that --sample-only later draws images of that size.
+    cfg = dataclasses.replace(cfg, image_size=data.x.shape[-1])
+    labels_to_draw(cfg.label, data.class_names)  # a wrong --label is refused before training, not after
+    torch.manual_seed(cfg.seed)
+    model = build_image_model(cfg, data.x.shape[1], len(data.class_names))
+    print(f"model: U-Net {cfg.model!r}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    if not cfg.resume:  # a resumed run has been told already
+        warn_if_gpu_sized(model, diffusion, data, cfg)
+
+    def snapshot(ema_model, step):
+        ImageSampler(diffusion, ema_model, cfg, data.class_names).grid(
+            list(range(len(data.class_names))), Path(cfg.out_dir) / "samples" / f"step_{step:06d}.png",
+            f"step {step:,}, guidance {cfg.guidance}", prefix=f"step {step}: ")
+
+    return train(model, diffusion, data, cfg, on_snapshot=snapshot), cfg, data.class_names
+
+
+def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
     """main() of train_mnist.py and train_cifar.py. load_builtin(cfg, train=True) -> Data loads the torchvision data
-    set (train=False: its test split); ckpt is the run's checkpoint when cli has read it.
+    set (train=False: its test split).
 
     --bench times training on random data; --sample-only samples a saved run; otherwise train (or resume), then
     write samples.png (one row per class), reverse.png, loss.png and, with --dump-samples, single PNGs.
     """
-    out_dir, dump_dir = Path(cfg.out_dir), Path(cfg.dump_dir or Path(cfg.out_dir) / "dump")
+    dump_dir = Path(cfg.dump_dir or Path(cfg.out_dir) / "dump")
     if cfg.dump_samples:
         check_dump_dir(dump_dir)  # refuse before any training or sampling, not after
-    # With --resume and --sample-only, cfg already holds the checkpoint's T and schedule (open_saved_run).
-    diffusion = Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond)
+    device = choose_device(cfg.device)  # first: under torchrun it joins the processes, which loading data needs
+    # With --resume and --sample-only, cfg already holds the checkpoint's T and schedule (saved_settings).
+    diffusion = Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond).to(device)
     if cfg.bench:  # random pixels: the speed of a step does not depend on what the images show
         x = torch.randint(0, 256, (max(4 * cfg.batch_size, 256), cfg.channels, cfg.image_size, cfg.image_size),
                           dtype=torch.uint8)
@@ -2563,45 +2507,23 @@ def run_images(cfg: ImageConfig, load_builtin: Callable, ckpt: Checkpoint | None
         benchmark(build_image_model(cfg, cfg.channels, num_classes=10), diffusion, data, cfg)
         return
     if cfg.sample_only:
-        state = load_for_sampling(cfg, ckpt)
+        state = load_for_sampling(cfg)
         class_names = state["data_info"]["class_names"]
-        labels = labels_to_draw(cfg.label, class_names)
         model = build_image_model(cfg, state["data_info"]["shape"][0], len(class_names))
         model.load_state_dict(state["ema"])
-        device = choose_device(cfg.device)
         model.to(device).eval()
-        diffusion.to(device)
     else:
-        check_out_dir(cfg)  # refuse a wrong --resume or --overwrite now, not after loading the data
-        data = load_image_folder(cfg) if cfg.data else load_builtin(cfg)
-        # The config records the side the model was trained on (a built-in data set fixes it whatever --image-size
-        # said), so that --sample-only later draws images of that size.
-        cfg = dataclasses.replace(cfg, image_size=data.x.shape[-1])
-        class_names = data.class_names
-        labels = labels_to_draw(cfg.label, class_names)
-        torch.manual_seed(cfg.seed)
-        model = build_image_model(cfg, data.x.shape[1], len(class_names))
-        print(f"model: U-Net {cfg.model!r}, {sum(p.numel() for p in model.parameters()):,} parameters")
-        if not cfg.resume:  # a resumed run has been told already
-            warn_if_gpu_sized(model, diffusion, data, cfg)
-
-        def snapshot(ema_model, step):
-            save_class_grid(diffusion, ema_model, cfg, class_names, list(range(len(class_names))),
-                            out_dir / "samples" / f"step_{step:06d}.png", f"step {step:,}, guidance {cfg.guidance}",
-                            prefix=f"step {step}: ")
-
-        model = train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
-    cfg = resolve_sampler(cfg, diffusion.betas.device)  # the names of the files say what was drawn
+        model, cfg, class_names = train_images(cfg, diffusion, load_builtin)
+    labels, sampler = labels_to_draw(cfg.label, class_names), ImageSampler(diffusion, model, cfg, class_names)
+    cfg = sampler.cfg  # the sampler resolved: the names of the files say what was drawn
     # --sample-only --dump-samples or --nll N asks for the files or the number alone: no grid first (minutes on a
-    # CPU for a 100-image one).
-    alone = cfg.sample_only and (cfg.dump_samples or cfg.nll > 0)
-    if process_rank()[0] == 0 and not alone:  # process 0 alone draws pictures
+    # CPU for a 100-image one). Under torchrun process 0 alone draws pictures.
+    if process_rank()[0] == 0 and not (cfg.sample_only and (cfg.dump_samples or cfg.nll > 0)):
         if not cfg.sample_only:
-            plot_loss(out_dir)
-        grid, reverse = output_path(cfg, "samples.png"), output_path(cfg, "reverse.png")
-        save_class_grid(diffusion, model, cfg, class_names, labels, grid, f"{cfg.sampler}, guidance {cfg.guidance:g}")
-        save_reverse_picture(diffusion, model, cfg, class_names, labels, reverse)
+            plot_loss(cfg.out_dir)
+        sampler.grid(labels, output_path(cfg, "samples.png"), f"{cfg.sampler}, guidance {cfg.guidance:g}")
+        sampler.reverse(labels, output_path(cfg, "reverse.png"))
     if cfg.nll > 0 or (cfg.nll < 0 and not cfg.sample_only):  # every process: loading may download (on_rank_0)
         held_out_bound(diffusion, model, cfg, load_builtin)
     if cfg.dump_samples:
-        dump_samples(diffusion, model, cfg, class_names, labels, dump_dir)
+        sampler.dump(labels, dump_dir)

@@ -10,7 +10,7 @@
 
 On a CPU, README.md ("CIFAR-10 on a CPU") gives a recipe with a 1.1M-parameter U-Net and what 90 minutes of it drew.
 
-Writes runs/cifar/: ckpt.pt, metrics.csv, loss.png, samples/step_*.png (one row per class, fixed noise),
+Writes runs/cifar/: ckpt_<step>.pt, metrics.csv, loss.png, samples/step_*.png (one row per class, fixed noise),
 samples.png and reverse.png.
 """
 import sys
@@ -51,8 +51,8 @@ def load_cifar(cfg: CifarConfig, train: bool = True) -> ddpm.Data:
     return ddpm.Data(images, torch.tensor(cifar.targets), tuple(cifar.classes), hflip=cfg.hflip)
 
 
-def main(cfg: CifarConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
-    ddpm.run_images(cfg, load_cifar, ckpt)
+def main(cfg: CifarConfig) -> None:
+    ddpm.run_images(cfg, load_cifar)
 
 
 if __name__ == "__main__":

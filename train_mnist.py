@@ -7,7 +7,7 @@
     python train_mnist.py --data FOLDER        # your own images, one sub-folder per class
     python train_mnist.py --help               # every setting, with its default
 
-Writes runs/mnist/: ckpt.pt, metrics.csv, loss.png, samples/step_*.png (one row per digit, fixed noise),
+Writes runs/mnist/: ckpt_<step>.pt, metrics.csv, loss.png, samples/step_*.png (one row per digit, fixed noise),
 samples.png (the final grid) and reverse.png (the reverse process of one image per digit). README.md gives the
 measured time of the default run on a CPU.
 """
@@ -53,8 +53,8 @@ def load_mnist(cfg: MnistConfig, train: bool = True) -> ddpm.Data:
     return ddpm.Data(mnist.data[:, None], mnist.targets, tuple(str(i) for i in range(10)), hflip=cfg.hflip)
 
 
-def main(cfg: MnistConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
-    ddpm.run_images(cfg, load_mnist, ckpt)
+def main(cfg: MnistConfig) -> None:
+    ddpm.run_images(cfg, load_mnist)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """DDPM on the two-moons toy data: 2-D points, trained and sampled in about 20 seconds on a laptop CPU.
 
     python train_moons.py                   # train, then write runs/moons/: samples.npy, samples.png, loss.png,
-                                            #   reverse.gif, snapshots/, ckpt.pt, metrics.csv
+                                            #   reverse.gif, snapshots/, ckpt_<step>.pt, metrics.csv
     python train_moons.py --resume          # continue an interrupted run (bit-exact on a CPU)
     python train_moons.py --sample-only --seed 1   # new samples from the saved model, written beside the
                                             #   run's own as samples_ddpm100_w1_n5000_seed1.npy, .png, .gif
@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 try:  # Ctrl-C while torch is still loading (a few seconds) ends quietly, like a Ctrl-C at any other moment
+    import ddpm  # first: it sets up torch's threads before torch loads (see its top)
     import numpy as np
     import torch
-
-    import ddpm
 except KeyboardInterrupt:
     sys.exit(130)
 
@@ -203,7 +202,7 @@ def build_model(cfg: MoonsConfig) -> ddpm.MLP:
                     fourier=cfg.fourier)
 
 
-def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
+def main(cfg: MoonsConfig) -> None:
     out_dir = Path(cfg.out_dir)
     diffusion = ddpm.Diffusion(cfg.num_timesteps, cfg.schedule, cfg.p_uncond)
     if cfg.sampler == "ddim" and cfg.schedule == "cosine":  # on the defaults: 25× the real-vs-real energy distance
@@ -212,7 +211,7 @@ def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
               f"first step divides the network's error by √ᾱ_T; use the ancestral sampler (--sampler ddpm), or train "
               f"with --schedule linear for DDIM", file=sys.stderr)
     if cfg.sample_only:
-        state = ddpm.load_for_sampling(cfg, ckpt)
+        state = ddpm.load_for_sampling(cfg)
         mean, std = torch.tensor(state["data_info"]["mean"]), torch.tensor(state["data_info"]["std"])
         model = build_model(cfg)
         model.load_state_dict(state["ema"])
@@ -235,7 +234,7 @@ def main(cfg: MoonsConfig, ckpt: ddpm.Checkpoint | None = None) -> None:
             plot_points([(f"EMA samples at step {step:,}", x.cpu() * std + mean)],
                         out_dir / "snapshots" / f"step_{step:06d}.png")
 
-        model = ddpm.train(model, diffusion, data, cfg, on_snapshot=snapshot, ckpt=ckpt)
+        model = ddpm.train(model, diffusion, data, cfg, on_snapshot=snapshot)
     if ddpm.process_rank()[0] != 0:  # under torchrun, process 0 alone samples and writes the pictures
         return
     if not cfg.sample_only:

@@ -6,9 +6,9 @@
 No GPU, no network. The moons figures need three small MLPs with train_moons.py's settings: an unconditional one,
 the same on the linear schedule (for the DDIM comparison of chapter 3) and one that knows which moon. Each is trained
 here with Part I's `fit`, so the figures are the ones the docs describe whatever runs you made before. Only with
---from-runs is a model of that kind in runs/moons/ckpt.pt (train_moons.py, with or without --class-cond) used
-instead, and the MNIST figure redrawn from runs/mnist/ckpt.pt (python train_mnist.py); without it the committed MNIST
-figure stays. The script says which. Everything is seeded: the same inputs give the same pictures.
+--from-runs is a model of that kind in runs/moons (its newest ckpt_<step>.pt, from train_moons.py, with or without
+--class-cond) used instead, and the MNIST figure redrawn from runs/mnist (python train_mnist.py); without it the
+committed MNIST figure stays. The script says which. Everything is seeded: the same inputs give the same pictures.
 """
 import argparse
 import io
@@ -16,19 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.cbook
-import matplotlib.pyplot as plt
-import torch
-import torch.nn.functional as F
-from PIL import Image  # installed with matplotlib
-
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
-import ddpm  # noqa: E402  (after the path is set: the script runs from any folder)
+import ddpm  # noqa: E402  (after the path is set: the script runs from any folder; before torch: see its top)
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.cbook  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402  (installed with matplotlib)
 from train_moons import MoonsConfig, energy_distance, make_moons  # noqa: E402
 
 DPI = 100          # small PNGs: they are committed
@@ -168,9 +167,9 @@ def figure_moons_forward(points: torch.Tensor) -> None:
 
 def moons_model(class_cond: bool, from_runs: bool, schedule: str = MOONS.schedule):
     """(diffusion, EMA model in eval mode, mean, std): a moons denoiser, unconditional or conditioned on the moon,
-    for the given noise schedule (train_moons.py's by default); from runs/moons/ckpt.pt only if from_runs."""
+    for the given noise schedule (train_moons.py's by default); from runs/moons/ckpt_<step>.pt only if from_runs."""
     kind = f"{'class-conditional' if class_cond else 'unconditional'} moons model ({schedule} schedule)"
-    path = ROOT / "runs" / "moons" / "ckpt.pt"
+    path = (ddpm.find_checkpoints(ROOT / "runs" / "moons") or [ROOT / "runs" / "moons" / "ckpt_<step>.pt"])[0]
     if from_runs and path.exists():
         try:
             state = ddpm.load_checkpoint(path)
@@ -272,11 +271,11 @@ def figure_guidance(diffusion, model) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def figure_mnist(from_runs: bool) -> None:
-    """Class grids from runs/mnist/ckpt.pt at w = 0, 1 and 3: one row per digit, the same noise in each grid; only
+    """Class grids from runs/mnist's checkpoint at w = 0, 1 and 3: one row per digit, the same noise in each grid; only
     if from_runs (a reader's own MNIST run is not what the docs describe unless asked for)."""
-    path = ROOT / "runs" / "mnist" / "ckpt.pt"
+    path = (ddpm.find_checkpoints(ROOT / "runs" / "mnist") or [ROOT / "runs" / "mnist" / "ckpt_<step>.pt"])[0]
     if not from_runs:
-        print("kept the committed MNIST figure (--from-runs redraws it from runs/mnist/ckpt.pt)")
+        print("kept the committed MNIST figure (--from-runs redraws it from the checkpoint in runs/mnist)")
         return
     if not path.exists():
         kept = " (the figure committed earlier stays)" if (DOCS / "fig_mnist_guidance.png").exists() else ""
@@ -313,8 +312,8 @@ def figure_mnist(from_runs: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from-runs", action="store_true", help="use runs/moons/ckpt.pt where it fits, and redraw "
-                        "the MNIST figure from runs/mnist/ckpt.pt (default: train the moons models here, keep MNIST's)")
+    parser.add_argument("--from-runs", action="store_true", help="use the checkpoint in runs/moons where it fits, and "
+                        "redraw the MNIST figure from runs/mnist (default: train the moons models here, keep MNIST's)")
     args = parser.parse_args()
     tic = time.perf_counter()
     figure_noised_image()
