@@ -7,8 +7,8 @@ label y, and classifier-free guidance trades diversity for fidelity to that labe
 
 Two parts. PART I, THE LESSON, is all of DDPM in reading order: noise schedules → the diffusion process (forward,
 loss, the two samplers, guidance) → embeddings → backbones (MLP, U-Net) → training, the whole idea (Alg. 1 and the
-EMA in a plain loop). It imports only math, copy, os and torch, and runs on its own when pasted into a notebook. PART II,
-THE ENGINE ROOM, starts at the banner "# PART II": config and command line, checkpoints and exact resume, locks and
+EMA in a plain loop). It imports only math, copy, os and torch, and runs on its own when pasted into a notebook.
+PART II, THE ENGINE ROOM, starts at the banner "# PART II": config and command line, checkpoints and exact resume, locks and
 signals, the resumable loop, benchmark, the image experiments. It builds on Part I and never re-implements it.
 
 Run it (README.md has the details and measured times):
@@ -58,18 +58,14 @@ import copy
 import math
 import os
 
-# Before torch loads OpenMP: its worker threads bound to cores of their own stall far less on a CPU that another busy
-# program shares (2-core VM: about 2× slower, not 3-5×); the main thread is set free again, for the processes it
-# starts. Part II's use_threads says how many threads; OMP_NUM_THREADS=1 (torchrun's default) needs no binding.
+# Engine room, before torch loads OpenMP: bind its threads to cores of their own (why: Part II, use_threads).
 CPU_MASK = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-if os.environ.get("OMP_NUM_THREADS") != "1":
-    os.environ.setdefault("OMP_PROC_BIND", "true")
+BIND_THREADS = "OMP_PROC_BIND" not in os.environ and os.environ.get("OMP_NUM_THREADS") != "1"  # 1 thread: no need
+if BIND_THREADS:
+    os.environ["OMP_PROC_BIND"] = "true"  # read as OpenMP loads; taken out again (Part II), not for child processes
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-if hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, CPU_MASK)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Noise schedules
@@ -95,8 +91,7 @@ def make_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
         (T,) float64 tensor; entry k is β for paper step t = k + 1.
     The 0.999 cap: the cosine schedule's last β reaches it at every T (f(T) = 0 there); the linear schedule's
     β_T = 20/T (deviation 1) reaches it only for T ≤ 20, whose last steps then erase nearly everything.
-    T = 1 would leave the linear schedule ᾱ_T = 0.9 (x_T not noise): refused.
-    """
+    T = 1 would leave the linear schedule ᾱ_T = 0.9 (x_T not noise): refused."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
     if num_timesteps < (2 if name == "linear" else 1):
@@ -703,11 +698,9 @@ def build_unet(preset: str, in_ch: int, image_size: int, num_classes: int) -> UN
 # average that samples come from [DDPM App. B], and the loop. Part II's train() runs the same train_step and EMA.
 
 class EMA:
-    """An exponential moving average of a model's weights, θ_ema ← d·θ_ema + (1 − d)·θ after every step.
-
-    Samples come from the average [DDPM App. B, d = 0.9999]: it jitters less than the weights and samples cleaner.
-    Deviation 4: d = min(decay, (1 + n)/(10 + n)) at step n, so early on it forgets the random initial weights.
-    """
+    """An exponential moving average of a model's weights, θ_ema ← d·θ_ema + (1 − d)·θ after every step. Samples
+    come from the average [DDPM App. B, d = 0.9999]: it jitters less than the weights and samples cleaner.
+    Deviation 4: d = min(decay, (1 + n)/(10 + n)) at step n, so early on it forgets the random initial weights."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)  # eval: no dropout when sampling from it
@@ -728,7 +721,6 @@ class EMA:
 def train_step(model, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor | None = None, grad_clip: float = 1.0,
                amp_dtype: torch.dtype | None = None):
     """The gradient of one batch's loss [DDPM Alg. 1, lines 2–5], clipped; the optimizer step is the caller's.
-
     Args: model (plain, compiled or wrapped for several GPUs), x0 (B, …), y (B,) or None, grad_clip the largest
     gradient norm (0: none), amp_dtype torch.bfloat16 for mixed precision.  Returns: the loss and the gradient norm
     before clipping, as 0-dim tensors (not read here, so no wait for a GPU).
@@ -745,7 +737,6 @@ def fit(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tenso
         batch_size: int = 256, lr: float = 1e-3, ema_decay: float = 0.995, grad_clip: float = 1.0, seed: int = 0,
         log_every: int = 0) -> nn.Module:
     """Trains `model` to predict the noise [DDPM Alg. 1] on data held in memory; returns the EMA model to sample from.
-
     Args: model the backbone, x0 (N, …) the data (points, or images in [−1, 1]), y (N,) labels or None; steps,
     batch_size and lr of AdamW; ema_decay (see EMA); grad_clip (see train_step); seed for the batches, t, ε and
     label dropout; log_every: print the loss every N steps (0: quiet).  Returns: the EMA model, in eval mode.
@@ -800,6 +791,21 @@ from typing import Callable, ClassVar
 
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+
+
+def free_main_thread() -> None:
+    """Lets the main thread run on any core of the process's own: Part I had torch's OpenMP bind its threads
+    (OMP_PROC_BIND), the main thread, its thread 0, to the first core. Free, it may go wherever the machine is idle,
+    and the processes it starts (data loaders, a notebook's commands) may use every core. use_threads binds it
+    again for a run of several threads."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, CPU_MASK)
+
+
+free_main_thread()  # before any OpenMP thread starts
+if BIND_THREADS:  # a child process (torchrun's, a notebook's command) decides its own threads
+    del os.environ["OMP_PROC_BIND"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. Configuration and the command line
@@ -942,10 +948,8 @@ def config_help(cls) -> dict:
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line gets one line (not the whole usage block) and exit status 2, and flags are
-    never abbreviated: argparse would take --step 10 as --steps 10, and a later flag could change what it means."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+    never abbreviated (allow_abbrev=False, below): argparse would take --step 10 as --steps 10, and a later flag could
+    change what it means."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -960,7 +964,7 @@ def parse_given(cls, argv=None, epilog: str | None = None) -> dict:
     """
     parser = _OneLineArgumentParser(description=(cls.__doc__ or "").split("\n\n")[0], epilog=epilog,
                                     formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's lines
-                                    argument_default=argparse.SUPPRESS)  # absent flags stay absent
+                                    argument_default=argparse.SUPPRESS, allow_abbrev=False)  # absent flags: absent
     helps = config_help(cls)
     for f in fields(cls):
         text = helps.get(f.name, f.name).replace("%", "%%")  # argparse %-formats help texts: "40 %" would break it
@@ -1367,7 +1371,7 @@ def saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
     if not find_checkpoints(cfg.out_dir):
         return cfg
     state, path = newest_checkpoint(cfg, header_only=True)
-    refuse_foreign(state, cfg, cfg.out_dir, f"use {state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
+    refuse_foreign(state, cfg, cfg.out_dir, f"use {state['script']} {flag('sample_only' if cfg.sample_only else 'resume')}")
     names = {f.name for f in fields(cfg)} - cfg.PER_CALL
     saved = {k: v for k, v in state["config"].items() if k in names}
     if saved.get("threads", 0) > (os.cpu_count() or 1):
@@ -1398,10 +1402,23 @@ class OutDirLock:
     some cluster file systems) the run trains without the guard, and says so.
     """
 
-    HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES}  # "someone else has it"
-
     def __init__(self, out_dir):
         self.path, self.file = Path(out_dir) / "train.lock", None
+
+    @staticmethod
+    def take(file) -> str | None:
+        """Locks the open file; returns None, or the holder ("pid … on …") if another process has it. Raises
+        ImportError or OSError where there is no locking."""
+        import fcntl  # POSIX only
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # anything but "someone else has it"
+                raise
+            file.seek(0)
+            holder = " ".join(file.read().split()) or "starting up"
+            return None if holder == f"pid {os.getpid()} on {socket.gethostname()}" else holder
 
     def __enter__(self):
         try:
@@ -1410,24 +1427,21 @@ class OutDirLock:
             raise UserError(f"cannot write into --out-dir {self.path.parent} ({one_line(e)}); "
                             f"choose a writable folder") from None
         try:
-            import fcntl
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder = self.take(file)
         except (ImportError, OSError) as e:
-            holder = self.holder_text(file)
             file.close()
-            if getattr(e, "errno", None) in self.HELD:
-                raise UserError(f"{self.path.parent} is in use by another training run ({holder}); wait for it "
-                                f"to finish or stop it, or use another --out-dir") from None
             print(f"warning: cannot lock {self.path} ({one_line(e)}); training without the guard against "
                   f"a second run in this folder", file=sys.stderr)
             return self
-        try:
+        if holder:
+            file.close()
+            raise UserError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
+                            f"finish or stop it, or use another --out-dir")
+        with disk_errors(self.path):  # a full disk: stop here, before any training
             file.seek(0)
             file.truncate()
             file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             file.flush()
-        except OSError as e:  # a full disk: the lock holds anyway, only the owner's name is missing
-            print(f"warning: could not write the owner's pid into {self.path} ({one_line(e)})", file=sys.stderr)
         self.file = file
         return self
 
@@ -1435,28 +1449,14 @@ class OutDirLock:
         if self.file is not None:
             self.file.close()  # releases the lock; the file stays for the next run to lock
 
-    @staticmethod
-    def holder_text(file) -> str:
-        file.seek(0)
-        return " ".join(file.read().split()) or "starting up"
-
     @classmethod
     def holder(cls, out_dir) -> str | None:
-        """Who holds out_dir's lock ("pid … on …"), or None if no other process does (or there is no flock)."""
-        path = Path(out_dir) / "train.lock"
-        if not path.exists():
-            return None
+        """Who holds out_dir's lock, or None if no other process does (or there is no locking)."""
         try:
-            import fcntl
-        except ImportError:
+            with open(Path(out_dir) / "train.lock") as file:  # the lock, if taken, goes with the file
+                return cls.take(file)
+        except (ImportError, OSError):
             return None
-        with open(path) as file:
-            try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
-            except OSError as e:
-                text = cls.holder_text(file)
-                return text if e.errno in cls.HELD and text != f"pid {os.getpid()} on {socket.gethostname()}" else None
-        return None
 
 
 class AbortedBySignal(KeyboardInterrupt):
@@ -1744,15 +1744,24 @@ class Trainer:
 
 def use_threads(cfg: TrainConfig, state: dict | None = None) -> TrainConfig:
     """Sets PyTorch's CPU threads and returns cfg holding the count, which checkpoints then save: --threads, else
-    the count saved in `state` (the checkpoint being resumed or sampled), else OMP_NUM_THREADS, else every core
-    this process may use. A function of the machine and the flags, never of a timing: sums split over another
-    number of threads round differently, and the same command must compute the same numbers however busy the
-    machine was when it started (what keeps a busy machine from slowing it 3-4×: the pinning at the top of the file).
-    A count saved on a machine with more cores than this one is not taken."""
+    the count saved in `state` (the checkpoint being resumed or sampled), else OMP_NUM_THREADS, else every core this
+    process may use. A function of the machine and the flags, never of a timing: sums split over another number of
+    threads round differently, and the same command must compute the same numbers however busy the machine was
+    when it started. (A count saved on a machine with more cores than this one is not taken.)
+
+    What keeps a machine that becomes busy from slowing a run several-fold is where the threads run: OpenMP waits
+    for all threads at the end of every operation, so one thread that shares its core with another program holds
+    up all of them, worse when the threads wander between cores. Bound each to a core of its own (OMP_PROC_BIND, set
+    at the top of the file; here the main thread, OpenMP's thread 0), another busy program slows only the one it
+    shares a core with. Measured on the 2-core VM with one busy process starting halfway through a default run: the
+    moons 3.2× slower unbound, 2.4× bound; the MNIST U-Net (README, "Threads on a shared CPU").
+    """
     saved = state["config"].get("threads", 0) if state else 0
     from_env = int((os.environ.get("OMP_NUM_THREADS") or "0").split(",")[0] or 0)
     threads = cfg.threads or (saved if saved <= len(CPU_MASK) else 0) or from_env or len(CPU_MASK)
     torch.set_num_threads(threads)
+    if threads > 1 and hasattr(os, "sched_setaffinity") and (BIND_THREADS or os.environ.get("OMP_PROC_BIND")):
+        os.sched_setaffinity(0, {min(CPU_MASK)})  # OpenMP's thread 0 on its place, each thread on a core of its own
     return dataclasses.replace(cfg, threads=threads)
 
 
@@ -1819,11 +1828,13 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
         raise UserError("the training data holds NaN or Inf values; clean or drop those examples")
     device = choose_device(cfg.device)
     with contextlib.ExitStack() as stack, StopOnSignal() as stop:
+        if hasattr(os, "sched_getaffinity"):  # the main thread bound for the run (use_threads), as it was after it
+            stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
         # Process 0 claims the folder and reads the checkpoint; the others wait, then read the one it chose.
         resumed = on_rank_0(lambda: claim_out_dir(cfg, data, stack))
         if cfg.resume:
             state, path = resumed or newest_checkpoint(cfg)
-        cfg = use_threads(cfg, state if cfg.resume else None)  # a resume computes with the run's thread count
+        cfg = use_threads(cfg, state if cfg.resume else None)  # a resume computes with the run's count
         trainer = Trainer(model, diffusion, data, cfg, device)
         if cfg.resume:
             trainer.restore(state)
@@ -1898,7 +1909,7 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     """
     from torch.utils.flop_counter import FlopCounterMode
     device = choose_device(cfg.device)
-    trainer = Trainer(model, diffusion, data, use_threads(cfg), device)
+    trainer = Trainer(model, diffusion, data, cfg, device)
     with FlopCounterMode(display=False) as counter:
         x0, y = trainer.data.batch(*(t.to(device) for t in trainer.order.next()))
         train_step(trainer.model, trainer.diffusion, x0, y, cfg.grad_clip, trainer.fast.amp)
@@ -1940,29 +1951,6 @@ EXIT_STATUS = """exit status: 0 done; 1 a problem the printed line explains (not
 command line; 130 (Ctrl-C) or 143 (SIGTERM): stopped, with a checkpoint to resume from."""
 
 
-class SurvivingStdout:
-    """sys.stdout for a run whose reader may go away (`python train_moons.py | head`): once the pipe is closed, the
-    rest of the output goes to /dev/null and the run goes on, instead of dying of BrokenPipeError mid-training."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def _guard(self, method, *args):
-        try:
-            return method(*args)
-        except BrokenPipeError:  # point the file descriptor at /dev/null: later writes and the final flush succeed
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-
-    def write(self, text: str) -> int:
-        return self._guard(self.stream.write, text) or len(text)
-
-    def flush(self) -> None:
-        self._guard(self.stream.flush)
-
-    def __getattr__(self, name):  # isatty, fileno, … of the stream itself
-        return getattr(self.stream, name)
-
-
 def cli(config_cls, main: Callable, argv=None) -> int:
     """Runs main(cfg) with cfg parsed from the command line (for --resume and --sample-only, on top of the run's
     saved settings) and returns the process exit status (EXIT_STATUS): 130 or 143 after the first signal with a
@@ -1976,14 +1964,12 @@ def cli(config_cls, main: Callable, argv=None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a malformed command line (2), already printed
         return e.code if isinstance(e.code, int) else 2
     cfg = config_cls(**given)
-    if not isinstance(sys.stdout, SurvivingStdout):
-        sys.stdout = SurvivingStdout(sys.stdout)
     # Everything the user can fix arrives here as a UserError with one line; only a bug leaves a traceback.
     try:
         if cfg.resume or cfg.sample_only:
             cfg = saved_settings(cfg, given)
         cfg.check()
-        main(use_threads(cfg))
+        main(use_threads(cfg))  # the threads of the whole call, drawing included (the main thread freed at the end)
         if dist.is_initialized():  # leave together: a process that tears down while process 0 still draws pictures
             dist.barrier()         # can take the group's background threads down with an abort
         return 0
@@ -2018,6 +2004,7 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:  # on every way out: a group left to the interpreter's exit can abort it ("terminate called …")
+        free_main_thread()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -2436,7 +2423,8 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     Table 2 (≤ 3.70 on CIFAR-10's test set). The labels are left out (y = ∅, the unconditional model that guidance
     trains along), as DDPM's model had none. The held-out images: the built-in test split, or for --data .../train
     a sibling folder named test. Returns the mean, or None when there is no held-out split."""
-    n, device = cfg.nll if cfg.nll >= 0 else 100 if diffusion.betas.device.type == "cuda" else 10, diffusion.betas.device
+    device = diffusion.betas.device
+    n = cfg.nll if cfg.nll >= 0 else 100 if device.type == "cuda" else 10
     if not cfg.data:
         test = load_builtin(cfg, train=False)
     elif Path(cfg.data).name == "train" and (Path(cfg.data).parent / "test").is_dir():
@@ -2464,7 +2452,8 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     return bits.mean().item()
 
 
-def train_images(cfg: ImageConfig, diffusion: Diffusion, load_builtin: Callable) -> tuple[nn.Module, ImageConfig, tuple]:
+def train_images(cfg: ImageConfig, diffusion: Diffusion, load_builtin: Callable) -> tuple[nn.Module, ImageConfig,
+                                                                                           tuple]:
     """run_images' training: the data, the U-Net, train() with a class grid every cfg.sample_every steps. Returns
     the EMA model, cfg with the image side trained on, and the class names."""
     check_out_dir(cfg)  # refuse a wrong --resume or --overwrite now, not after loading the data

@@ -15,20 +15,25 @@ import sys
 import time
 from pathlib import Path
 
-# One thread for the tests' tiny models (and the scripts they start), unless the environment says otherwise: nearly
-# as fast as two on an idle machine, and not several times slower on a busy one (README: "Threads on a shared CPU").
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import ddpm  # first, as the scripts do: it has torch's threads bound to cores (README: "Threads on a shared CPU")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-
-import ddpm  # noqa: E402
 import train_cifar  # noqa: E402
 import train_mnist  # noqa: E402
 import train_moons  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def main_thread_is_left_free():
+    """After every test the main thread may run on every core again: a path that bound it (use_threads) and left
+    it bound would confine every process started after it, which inherit the binding, to one core."""
+    yield
+    if hasattr(os, "sched_getaffinity"):
+        assert os.sched_getaffinity(0) == ddpm.CPU_MASK
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -672,7 +677,7 @@ def corrupt_middle(path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte", "foreign", "malicious"])
 def test_bad_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, capsys):
-    """A truncated, corrupted (checksum), foreign or code-carrying damaged_path checkpoint is refused with a message that
+    """A truncated, corrupted (checksum), foreign or code-carrying newest checkpoint is refused with a message that
     says which and why; --resume warns and continues from the older one; a malicious file's code never runs. With no
     older checkpoint the same problem is a one-line error."""
     tiny_run(tmp_path / "run", steps=20)
@@ -776,7 +781,7 @@ def test_nan_loss_is_skipped_and_too_many_stop_training(tmp_path, capsys):
     assert all(p.isfinite().all() for p in ema.parameters())
     assert (tmp_path / "one" / "metrics.csv").read_text().splitlines()[-1].endswith(",1")
     assert "loss nan, gradient norm nan; update skipped (1 in a row)" in capsys.readouterr().err
-    with pytest.raises(ddpm.UserError, match="NaN or Inf for 3 steps in a row .* the last good checkpoint, .*ckpt_000010.pt"):
+    with pytest.raises(ddpm.UserError, match="NaN or Inf for 3 steps in a row .* last good checkpoint, .*ckpt_000010.pt"):
         tiny_run(tmp_path / "many", model=NaNOnCalls({12, 13, 14}), steps=20, max_bad_steps=3)
     state = ddpm.load_checkpoint(newest(tmp_path / "many"))
     assert state["step"] == 10 and all(v.isfinite().all() for v in state["model"].values())
@@ -1010,15 +1015,14 @@ def start_and_wait_for_training(args, until_step=1):
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
-    """SIGKILL a training process at 5 random moments (each after a random step, plus a random 0-20 ms, so some
+    """SIGKILL a training process at 3 random moments (each after a random step, plus a random 0-20 ms, so some
     land inside checkpoint writes), resuming the run each time, then let it finish: the final model and EMA
     tensors equal an uninterrupted run's bit for bit, and metrics.csv holds every logged step exactly once, with
     the same losses."""
-    steps = 2000
-    reference = subprocess.run(moons_args(tmp_path / "ref", steps), capture_output=True, text=True, cwd=HERE)
-    assert reference.returncode == 0, reference.stdout + reference.stderr
+    steps = 1200
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path / "ref", steps)[2:]) == 0
     out, rng = tmp_path / "killed", random.Random(0)
-    for target in sorted(rng.sample(range(10, steps - 200, 10), 5)):
+    for target in sorted(rng.sample(range(10, steps - 200, 10), 3)):
         resume = ["--resume"] if ddpm.find_checkpoints(out) else []
         proc = start_and_wait_for_training(moons_args(out, steps, *resume), until_step=target)
         time.sleep(rng.uniform(0.0, 0.02))
@@ -1056,9 +1060,8 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path,
     assert f"at step {step}/" in output and f"checkpoint saved to {tmp_path / f'ckpt_{step:06d}.pt'}" in output
     assert "resume with: python" in output and output.rstrip().endswith("--resume")
     assert 0 < step < 10**6 and int(metric_rows(tmp_path)[-1][0]) <= step
-    only = [sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(tmp_path), "--steps", str(step + 30)]
-    done = subprocess.run(only + ["--resume"], capture_output=True, text=True, cwd=HERE)  # settings from the run
-    assert done.returncode == 0, done.stdout + done.stderr
+    only = ["--out-dir", str(tmp_path), "--steps", str(step + 30), "--resume"]  # the other settings from the run
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, only) == 0
     assert ddpm.load_checkpoint(newest(tmp_path))["step"] == step + 30
 
 
@@ -1131,51 +1134,6 @@ def test_corrupted_checkpoint_with_resume_is_a_one_line_error_and_changes_nothin
 # The scripts end to end, tiny settings
 # ----------------------------------------------------------------------------------------------------------------------
 
-def test_moons_run_writes_its_outputs_and_learns_the_moons(tmp_path, capsys):
-    """A short moons run writes its checkpoint, samples.npy ((N, 2) float32, in data coordinates), samples.png, loss.png,
-    reverse.gif and snapshots, and its samples are close to fresh moons: energy distance below 0.01. For scale, with
-    N = 2000: two real sets are about 0.001 apart, and a Gaussian with the moons' own mean and spread (what a model
-    gets without learning the shape; measured here too) about 0.03."""
-    out = tmp_path / "moons"
-    args = ["--out-dir", str(out), "--steps", "1500", "--num-samples", "2000", "--num-timesteps", "100",
-            "--sample-every", "750"]
-    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
-    samples = np.load(out / "samples.npy")
-    assert samples.shape == (2000, 2) and samples.dtype == np.float32
-    for name in ("ckpt_001500.pt", "samples.png", "loss.png", "reverse.gif", "snapshots/step_000750.png", "metrics.csv"):
-        assert (out / name).stat().st_size > 0
-    from PIL import Image
-    assert Image.open(out / "reverse.gif").n_frames == 40
-    printed = capsys.readouterr().out
-    distance = float(printed.split("energy distance to fresh moons: ")[1].split()[0])
-    assert distance < 0.01
-    # The bound of the model's −log likelihood cannot lie below the data's entropy (cross-entropy ≥ entropy): both
-    # are means over the same 2,000 fresh points, so compare them within 4 of their combined standard errors.
-    bound, bound_se, entropy, entropy_se = map(float, re.search(
-        r"fresh moons: (\S+) ± (\S+) bits/dim \(the moons' own entropy, the floor: (\S+) ± (\S+)\)", printed).groups())
-    assert bound > entropy - 4 * math.hypot(bound_se, entropy_se) and 0 < entropy_se < 0.05
-    real, _ = train_moons.make_moons(2000, 0.05, torch.Generator().manual_seed(9))
-    gaussian = real.mean(0) + real.std(0) * torch.randn(2000, 2, generator=torch.Generator().manual_seed(10))
-    assert train_moons.energy_distance(gaussian, real) > 0.02
-
-    # --sample-only: new samples from the checkpoint (another sampler), no training, and every file the run wrote
-    # untouched: the new ones go beside them under names that say what was drawn, and the output says where.
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    args = ["--out-dir", str(out), "--sample-only", "--sampler", "ddim", "--sample-steps", "20", "--num-samples", "300"]
-    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
-    assert all(p.read_bytes() == data for p, data in before.items())
-    new = {"samples_ddim20_w1_n300_seed0.npy", "samples_ddim20_w1_n300_seed0.png", "reverse_ddim20_w1_n300_seed0.gif"}
-    assert {p.name for p in out.iterdir()} - {p.name for p in out.iterdir() if p in before or p.is_dir()} == new
-    assert np.load(out / "samples_ddim20_w1_n300_seed0.npy").shape == (300, 2)
-    printed = capsys.readouterr().out
-    assert "step " not in printed and all(str(out / name) in printed for name in new)
-    # DDIM steps are checked against the checkpoint's T (100), not the script's default T (200).
-    args = ["--out-dir", str(out), "--sample-only", "--sampler", "ddim", "--sample-steps", "150"]
-    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--sample-steps 150 exceeds the 100 timesteps this model was trained with" in err
-
-
 def test_moons_density_is_a_density_with_the_entropy_of_thin_arcs():
     """moons_log_density is the density make_moons draws from: it integrates to 1 over the plane (a 0.01 grid, far
     finer than the noise 0.1, within 1e-3); a class's density likewise; and for thin moons (noise 0.01) the entropy
@@ -1215,20 +1173,29 @@ def test_expected_energy_distance_is_the_mean_over_independent_real_sets():
     assert (train_moons.make_moons(n, 0.05, g)[1] == 0).sum() == n // 2
 
 
-def test_default_moons_run_is_sharp_and_close_to_real_moons(tmp_path, capsys):
-    """The default moons run (drawing 2,000 samples instead of 5,000, and no snapshots, for speed) puts under 1 % of
-    its points beyond 3σ of both arcs, 50 ± 3 % nearer the upper arc, and is as close to fresh moons as two real
-    sets are to each other, within 1.2×. Each threshold is widened by its sampling error at 2,000 points: 2.33
-    standard errors of a proportion (a one-sided 1 % risk), and for the energy distance (averaged over 5 fresh
-    sets) 2 standard deviations of the real-vs-real floor, both measured here over 10 pairs of independent real sets
-    (a model's samples are independent draws, so not a set split exactly in half). The end-of-run lines report the
-    off-arc share and the distance next to fresh moons' own."""
-    n = 2000
-    args = ["--out-dir", str(tmp_path), "--num-samples", str(n), "--sample-every", "0", "--device", "cpu"]
+def test_default_moons_run_writes_its_outputs_is_sharp_and_close_to_real_moons(tmp_path, capsys):
+    """The default moons run (drawing 2,000 samples instead of 5,000, for speed) writes its checkpoint, samples.npy
+    ((N, 2) float32, in data coordinates), samples.png, loss.png, reverse.gif and snapshots; it puts under 1 % of its
+    points beyond 3σ of both arcs, 50 ± 3 % nearer the upper arc, and is as close to fresh moons as two real sets are
+    to each other, within 1.2×. Each threshold is widened by its sampling error at 2,000 points: 2.33 standard errors
+    of a proportion (a one-sided 1 % risk), and for the energy distance (averaged over 5 fresh sets) 2 standard
+    deviations of the real-vs-real floor, both measured here over 10 pairs of independent real sets (a model's
+    samples are independent draws, so not a set split exactly in half); a Gaussian with the moons' own mean and
+    spread (what a model gets without learning the shape) is far (> 0.02). The end-of-run lines report the off-arc
+    share and the distance next to fresh moons' own, and a bound on −log likelihood no lower than the entropy."""
+    n, out = 2000, tmp_path / "moons"
+    args = ["--out-dir", str(out), "--num-samples", str(n), "--sample-every", "900", "--device", "cpu"]
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
     printed = capsys.readouterr().out
     assert "off the arcs (beyond 3σ of both): " in printed and "% of the samples (fresh moons: " in printed
-    samples = torch.from_numpy(np.load(tmp_path / "samples.npy"))
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (n, 2) and samples.dtype == np.float32
+    for name in ("ckpt_001800.pt", "samples.png", "loss.png", "reverse.gif", "snapshots/step_000900.png",
+                 "metrics.csv"):
+        assert (out / name).stat().st_size > 0
+    from PIL import Image
+    assert Image.open(out / "reverse.gif").n_frames == 40
+    samples = torch.from_numpy(samples)
 
     def se(p):  # the standard error of a proportion p measured on n points
         return math.sqrt(p * (1 - p) / n)
@@ -1240,6 +1207,31 @@ def test_default_moons_run_is_sharp_and_close_to_real_moons(tmp_path, capsys):
     floor = torch.tensor([train_moons.energy_distance(real[2 * i], real[2 * i + 1]) for i in range(10)])
     distance = sum(train_moons.energy_distance(samples, r) for r in real[:5]) / 5
     assert distance < 1.2 * floor.mean() + 2 * floor.std(), (distance, floor.mean().item(), floor.std().item())
+    gaussian = real[0].mean(0) + real[0].std(0) * torch.randn(n, 2, generator=torch.Generator().manual_seed(10))
+    assert train_moons.energy_distance(gaussian, real[1]) > 0.02
+    # The bound of the model's −log likelihood cannot lie below the data's entropy (cross-entropy ≥ entropy): both
+    # are means over the same 2,000 fresh points, so compare them within 4 of their combined standard errors.
+    bound, bound_se, entropy, entropy_se = map(float, re.search(
+        r"fresh moons: (\S+) ± (\S+) bits/dim \(the moons' own entropy, the floor: (\S+) ± (\S+)\)", printed).groups())
+    assert bound > entropy - 4 * math.hypot(bound_se, entropy_se) and 0 < entropy_se < 0.05
+
+    # --sample-only: new samples from the checkpoint (another sampler), no training, and every file the run wrote
+    # untouched: the new ones go beside them under names that say what was drawn, and the output says where.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = ["--out-dir", str(out), "--sample-only", "--sampler", "ddim", "--sample-steps", "20", "--num-samples", "300"]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 0
+    assert all(p.read_bytes() == data for p, data in before.items())
+    new = {"samples_ddim20_w1_n300_seed0.npy", "samples_ddim20_w1_n300_seed0.png", "reverse_ddim20_w1_n300_seed0.gif"}
+    assert {p.name for p in out.iterdir()} - {p.name for p in out.iterdir() if p in before or p.is_dir()} == new
+    assert np.load(out / "samples_ddim20_w1_n300_seed0.npy").shape == (300, 2)
+    printed = capsys.readouterr().out
+    assert "step " not in printed and all(str(out / name) in printed for name in new)
+    # DDIM steps are checked against the checkpoint's T (100).
+    args = ["--out-dir", str(out), "--sample-only", "--sampler", "ddim", "--sample-steps", "150"]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--sample-steps 150 exceeds the 100 timesteps this model was trained with" in err
+
 
 
 def test_class_conditional_moons_put_each_label_on_its_moon(tmp_path):
@@ -1585,18 +1577,6 @@ def test_ctrl_c_after_training_says_the_run_is_complete(tmp_path, monkeypatch, c
     assert "training had finished; draw samples with --sample-only" in err and "--resume" not in err
 
 
-def test_a_closed_stdout_does_not_stop_training(tmp_path):
-    """`python train_moons.py | head -1`: the reader goes away after one line; the run still trains to the end,
-    writes its checkpoint and outputs, and exits 0."""
-    proc = subprocess.Popen(moons_args(tmp_path, 60, "--log-every", "1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=HERE)
-    proc.stdout.readline()
-    proc.stdout.close()
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err.decode()
-    assert ddpm.load_checkpoint(newest(tmp_path))["step"] == 60 and (tmp_path / "samples.png").exists()
-
-
 def test_ctrl_c_while_torch_loads_is_quiet(tmp_path):
     """Ctrl-C in the first second, while the script is still importing torch: no traceback, the status of an
     interrupted program (130, or death by SIGINT if it came before Python was ready)."""
@@ -1618,32 +1598,38 @@ def test_readme_shows_the_cpu_only_install():
 
 
 def test_thread_count_is_a_rule_of_the_machine_and_flags_and_a_resume_keeps_it(tmp_path, monkeypatch):
-    """--threads N sets PyTorch's CPU threads; without it OMP_NUM_THREADS does, else every core the process may use
-    (never a timing, so the same command computes the same numbers however busy the machine is). The count is saved
-    with the config, and a resume, from the command line or from Python with threads=0, computes with it again."""
-    seen, before = [], torch.get_num_threads()
+    """use_threads sets PyTorch's CPU threads by a rule, never a timing (so the same command computes the same
+    numbers however busy the machine is): --threads N, else OMP_NUM_THREADS, else every core the process may use.
+    With several threads and OpenMP's binding on, the main thread is bound to the first core like a worker (each
+    thread on a core of its own), and set free again after. The count is saved with the config, and a resume, from
+    the command line or from Python with threads=0, computes with it again."""
+    before, cores = torch.get_num_threads(), len(ddpm.CPU_MASK)
     try:
-        assert ddpm.cli(train_moons.MoonsConfig, lambda cfg: seen.append((cfg.threads, torch.get_num_threads())),
-                        ["--threads", "1"]) == 0
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert ddpm.cli(train_moons.MoonsConfig, lambda cfg: seen.append((cfg.threads, torch.get_num_threads())),
-                        []) == 0
+        assert ddpm.use_threads(ddpm.TrainConfig()).threads == 1 == torch.get_num_threads()
         monkeypatch.delenv("OMP_NUM_THREADS")
-        assert ddpm.use_threads(ddpm.TrainConfig()).threads == len(ddpm.CPU_MASK) == torch.get_num_threads()
-        assert seen == [(1, 1), (1, 1)]
+        assert ddpm.use_threads(ddpm.TrainConfig()).threads == cores == torch.get_num_threads()
+        assert ddpm.use_threads(ddpm.TrainConfig(threads=1)).threads == 1 == torch.get_num_threads()
+        if cores > 1 and hasattr(os, "sched_setaffinity"):
+            monkeypatch.setenv("OMP_PROC_BIND", "true")
+            ddpm.use_threads(ddpm.TrainConfig(threads=2))
+            assert os.sched_getaffinity(0) == {min(ddpm.CPU_MASK)}
+            ddpm.free_main_thread()
+            assert os.sched_getaffinity(0) == ddpm.CPU_MASK
         tiny_run(tmp_path, steps=10, threads=1)
         assert ddpm.load_checkpoint(newest(tmp_path))["config"]["threads"] == 1
-        torch.set_num_threads(len(ddpm.CPU_MASK))
+        torch.set_num_threads(cores)
         tiny_run(tmp_path, steps=20, resume=True)  # from Python, threads=0: the saved count
         assert torch.get_num_threads() == 1 and ddpm.load_checkpoint(newest(tmp_path))["config"]["threads"] == 1
-        moons = moons_args(tmp_path / "moons", 20, "--threads", "1")[2:]
+        moons = moons_args(tmp_path / "m", 20, "--threads", "1")[2:]
         assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons) == 0
-        torch.set_num_threads(len(ddpm.CPU_MASK))
-        assert ddpm.cli(train_moons.MoonsConfig, lambda cfg: seen.append((cfg.threads, torch.get_num_threads())),
-                        ["--out-dir", str(tmp_path / "moons"), "--resume"]) == 0  # from the command line
-        assert seen[-1] == (1, 1)
+        seen = []
+        assert ddpm.cli(train_moons.MoonsConfig, lambda cfg: seen.append(cfg.threads),
+                        ["--out-dir", str(tmp_path / "m"), "--resume"]) == 0  # from the command line
+        assert seen == [1]
     finally:
         torch.set_num_threads(before)
+        ddpm.free_main_thread()
 
 
 def test_flags_of_one_call_are_not_taken_from_the_saved_run(tmp_path, capsys):
@@ -1835,38 +1821,22 @@ def run_torchrun(args, nproc=2, *extra):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_torchrun_trains_resumes_and_a_single_process_samples(tmp_path):
+def test_torchrun_trains_stops_on_sigterm_resumes_bit_exact_and_one_process_samples(tmp_path):
     """Two processes under torchrun train the moons: process 0 alone prints (one device line, which says how many
-    processes share each batch, and each log line once)
-    and writes one checkpoint, of plain weights (no DDP `module.` prefix) with the RNG state of each process, the two
-    different; two processes resume it, logging each step once; then a single process samples from it."""
-    out = tmp_path / "run"
-    first = run_torchrun(moons_args(out, 20))
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.count("device: cpu") == 1 and first.stdout.count("step 20/20") == 1
-    assert "device: cpu; 2 processes under torchrun, each with 50% of every batch" in first.stdout
-    assert ddpm.find_checkpoints(out) == [newest(out)] and not list(out.glob(".*tmp*"))
-    state = ddpm.load_checkpoint(newest(out))
-    assert state["step"] == 20 and not any(k.startswith("module.") for k in state["model"])
-    assert len(state["rng"]["other_ranks"]) == 1
-    assert not torch.equal(state["rng"]["torch"], state["rng"]["other_ranks"][0]["torch"])
-    resumed = run_torchrun(moons_args(out, 40, "--resume"))
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resuming from {out / 'ckpt_000020.pt'} at step 20\n" in resumed.stdout
-    assert [int(s) for s, _ in metric_rows(out)] == [10, 20, 30, 40]
-    one = subprocess.run([sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(out), "--sample-only"],
-                         capture_output=True, text=True, cwd=HERE)
-    assert one.returncode == 0, one.stdout + one.stderr
-    assert [np.load(f).shape for f in out.glob("samples_*.npy")] == [(200, 2)]  # --sample-only's own file
-
-
-def test_torchrun_sigterm_then_resume_equals_an_unbroken_two_process_run(tmp_path):
-    """SIGTERM sent to torchrun (which forwards it to both processes) stops both after the same step: process 0
-    writes the checkpoint of that step and says so once. Resumed with two processes, the run ends with the same
-    model and EMA tensors, bit for bit, and the same metrics rows, as a two-process run that never stopped."""
-    steps = 400
+    processes share each batch, and each log line once) and writes checkpoints of plain weights (no DDP `module.`
+    prefix) with the RNG state of each process, the two different. SIGTERM sent to torchrun (which forwards it to
+    both processes) stops both after the same step: process 0 writes the checkpoint of that step and says so once.
+    Resumed with two processes, the run ends with the same model and EMA tensors, bit for bit, and the same metrics
+    rows, as a two-process run that never stopped; then a single process samples from it."""
+    steps = 100
     reference = run_torchrun(moons_args(tmp_path / "ref", steps))
     assert reference.returncode == 0, reference.stdout + reference.stderr
+    assert reference.stdout.count("device: cpu") == 1 and reference.stdout.count(f"step {steps}/{steps}") == 1
+    assert "device: cpu; 2 processes under torchrun, each with 50% of every batch" in reference.stdout
+    state = ddpm.load_checkpoint(newest(tmp_path / "ref"))
+    assert state["step"] == steps and not any(k.startswith("module.") for k in state["model"])
+    assert len(state["rng"]["other_ranks"]) == 1
+    assert not torch.equal(state["rng"]["torch"], state["rng"]["other_ranks"][0]["torch"])
     out = tmp_path / "stopped"
     proc = subprocess.Popen(torchrun(moons_args(out, steps)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -1877,10 +1847,14 @@ def test_torchrun_sigterm_then_resume_equals_an_unbroken_two_process_run(tmp_pat
     output, _ = proc.communicate(timeout=60)
     stopped = ddpm.load_checkpoint(newest(out))["step"]
     assert 10 <= stopped < steps and output.count(f"stopped by SIGTERM at step {stopped}/{steps}") == 1, output
+    assert not list(out.glob(".*tmp*"))
     final = run_torchrun(moons_args(out, steps, "--resume"))
     assert final.returncode == 0, final.stdout + final.stderr
+    assert f"resuming from {out / f'ckpt_{stopped:06d}.pt'} at step {stopped}\n" in final.stdout
     assert_same_weights(newest(tmp_path / "ref"), newest(out))
     assert metric_rows(out) == metric_rows(tmp_path / "ref")
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(out), "--sample-only"]) == 0
+    assert [np.load(f).shape for f in out.glob("samples_*.npy")] == [(200, 2)]  # --sample-only's own file
 
 
 def gradient_check_trainer():
@@ -2015,13 +1989,16 @@ def test_a_killed_process_stops_the_other_at_once_with_one_line(tmp_path):
     assert ddpm.load_checkpoint(ddpm.find_checkpoints(out)[0])["step"] % 20 == 0
 
 
-def test_torchrun_refusals_reach_every_process(tmp_path):
-    """A --batch-size that does not split evenly, and an out-dir that another run holds (process 0 finds it locked),
-    end every process with status 1 and the same one-line error, before anything is written."""
-    odd = run_torchrun(moons_args(tmp_path / "odd", 20, "--batch-size", "33"))
+def test_torchrun_refusals_reach_every_process(tmp_path, monkeypatch, capsys):
+    """A --batch-size that does not split evenly between torchrun's processes (each checks it: here one, told
+    WORLD_SIZE=2), and an out-dir that another run holds (process 0 finds it locked, and tells the other), end every
+    process with status 1 and the same one-line error, before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    odd = moons_args(tmp_path / "odd", 20, "--batch-size", "33")[2:]
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, odd) == 1
     message = "--batch-size 33 is the global batch, shared by 2 processes: give a multiple of 2"
-    assert odd.returncode != 0 and odd.stderr.count(f"error: {message}\n") >= 1, odd.stderr
-    assert not (tmp_path / "odd").exists()
+    assert capsys.readouterr().err == f"error: {message}\n" and not (tmp_path / "odd").exists()
+    monkeypatch.undo()
     (tmp_path / "held").mkdir()
     with ddpm.OutDirLock(tmp_path / "held"):
         held = run_torchrun(moons_args(tmp_path / "held", 20), 2, "--log-dir", str(tmp_path / "logs"),
