@@ -8,8 +8,8 @@ label y, and classifier-free guidance trades diversity for fidelity to that labe
 Two parts. PART I, THE LESSON, is all of DDPM in reading order: noise schedules → the diffusion process (forward,
 loss, the two samplers, guidance) → embeddings → backbones (MLP, U-Net) → training, the whole idea (Alg. 1 and the
 EMA in a plain loop). It imports only math, copy, os and torch, and runs on its own when pasted into a notebook.
-PART II, THE ENGINE ROOM, starts at the banner "# PART II": config and command line, checkpoints and exact resume, locks and
-signals, the resumable loop, benchmark, the image experiments. It builds on Part I and never re-implements it.
+PART II, THE ENGINE ROOM, starts at the banner "# PART II": config and command line, checkpoints and exact resume,
+locks and signals, the resumable loop, benchmark, the image experiments. It builds on Part I, never re-implements it.
 
 Run it (README.md has the details and measured times):
     python train_moons.py              # 2-D toy data, about 20 s on a 2-core CPU
@@ -1326,11 +1326,13 @@ def script_name(cfg: TrainConfig) -> str:
     return Path(main).name if main.endswith(".py") and Path(main).stem.startswith("train") else type(cfg).__name__
 
 
-def refuse_foreign(state: dict, cfg: TrainConfig, where, advice: str) -> None:
+def refuse_foreign(state: dict, cfg: TrainConfig, where, advice: str = "") -> None:
     """Refuses another script's run (a moons run for train_mnist.py): its settings mean nothing to this one.
-    The message says what the run is, "a train_moons.py run (MLP on 2-D points)", and what to do (advice)."""
+    The message says what the run is, "a train_moons.py run (MLP on 2-D points)", and what to do (advice; by
+    default, to resume or sample it with its own script)."""
     if state["config_class"] == type(cfg).__name__:
         return
+    advice = advice or f"use {state['script']} {flag('sample_only' if cfg.sample_only else 'resume')}"
     saved, data = state["config"], state["data_info"]
     shape, classes = data["shape"], f", {len(data['class_names'])} classes" if data["class_names"] else ""
     what = f"{shape[0]}-D points" if len(shape) == 1 else f"{'×'.join(map(str, shape))} images"
@@ -1347,7 +1349,7 @@ def guard_resume(state: dict, cfg: TrainConfig, path, data_info: dict | None = N
     but those in cfg.RESUMABLE, which change when and how the run stops, logs and samples, not what it learns.
     data_info: the data trained on now (None for --sample-only, which has none).
     """
-    refuse_foreign(state, cfg, path, f"use {state['script']} {'--sample-only' if cfg.sample_only else '--resume'}")
+    refuse_foreign(state, cfg, path)
     saved, now = state["config"], asdict(cfg)
     diffs = [f"{flag(k)} (checkpoint {saved.get(k)!r}, now {v!r})"
              for k, v in now.items() if k not in cfg.RESUMABLE and saved.get(k) != v]
@@ -1371,7 +1373,7 @@ def saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
     if not find_checkpoints(cfg.out_dir):
         return cfg
     state, path = newest_checkpoint(cfg, header_only=True)
-    refuse_foreign(state, cfg, cfg.out_dir, f"use {state['script']} {flag('sample_only' if cfg.sample_only else 'resume')}")
+    refuse_foreign(state, cfg, cfg.out_dir)
     names = {f.name for f in fields(cfg)} - cfg.PER_CALL
     saved = {k: v for k, v in state["config"].items() if k in names}
     if saved.get("threads", 0) > (os.cpu_count() or 1):
