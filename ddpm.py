@@ -1953,19 +1953,50 @@ EXIT_STATUS = """exit status: 0 done; 1 a problem the printed line explains (not
 command line; 130 (Ctrl-C) or 143 (SIGTERM): stopped, with a checkpoint to resume from."""
 
 
+class SurvivingStdout:
+    """sys.stdout for a run whose reader may go away (`python train_moons.py | head`): once the pipe is closed, the
+    rest of the output goes to /dev/null and the run goes on, instead of dying of BrokenPipeError mid-training."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _guard(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:  # point the file descriptor at /dev/null: later writes and the final flush succeed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def write(self, text: str) -> int:
+        return self._guard(self.stream.write, text) or len(text)
+
+    def flush(self) -> None:
+        self._guard(self.stream.flush)
+
+    def __getattr__(self, name):  # isatty, fileno, … of the stream itself
+        return getattr(self.stream, name)
+
+
+def abort_on_signal(signum, frame):
+    """SIGTERM outside train() (loading, the final pictures, --sample-only): stop at once, as Ctrl-C does, with
+    the line that says what is left (train() has a handler of its own, which saves first)."""
+    raise AbortedBySignal(signum)
+
+
 def cli(config_cls, main: Callable, argv=None) -> int:
     """Runs main(cfg) with cfg parsed from the command line (for --resume and --sample-only, on top of the run's
     saved settings) and returns the process exit status (EXIT_STATUS): 130 or 143 after the first signal with a
     checkpoint of the step reached (the printed command resumes it), after a third one at once (see StopOnSignal),
     with the last checkpoint written before intact."""
-    script = sys.modules.get(getattr(main, "__module__", ""), None)
-    examples = (script.__doc__ or "").split("\n\n", 1)[1:] if script else []  # the script's docstring, but its title
-    epilog = "".join(f"examples and outputs:\n{text}\n" for text in examples) + EXIT_STATUS
+    doc = getattr(sys.modules.get(getattr(main, "__module__", "")), "__doc__", None) or ""  # the script's docstring
+    epilog = "".join(f"examples and outputs:\n{text}\n" for text in doc.split("\n\n", 1)[1:]) + EXIT_STATUS  # not title
     try:
         given = parse_given(config_cls, argv, epilog)
     except SystemExit as e:  # argparse: --help (0) or a malformed command line (2), already printed
         return e.code if isinstance(e.code, int) else 2
     cfg = config_cls(**given)
+    sys.stdout = sys.stdout if isinstance(sys.stdout, SurvivingStdout) else SurvivingStdout(sys.stdout)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous_term = signal.signal(signal.SIGTERM, abort_on_signal) if main_thread else None
     # Everything the user can fix arrives here as a UserError with one line; only a bug leaves a traceback.
     try:
         if cfg.resume or cfg.sample_only:
@@ -2006,6 +2037,8 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:  # on every way out: a group left to the interpreter's exit can abort it ("terminate called …")
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
         free_main_thread()
         if dist.is_initialized():
             dist.destroy_process_group()

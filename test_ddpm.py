@@ -1577,6 +1577,31 @@ def test_ctrl_c_after_training_says_the_run_is_complete(tmp_path, monkeypatch, c
     assert "training had finished; draw samples with --sample-only" in err and "--resume" not in err
 
 
+def test_a_closed_stdout_does_not_stop_training(tmp_path, monkeypatch):
+    """`python train_moons.py | head -1`: the reader goes away; the run still trains to the end, writes its
+    checkpoint and outputs, and returns 0 (its output goes to /dev/null from then on)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone: every write to the pipe now fails with EPIPE (BrokenPipeError)
+    monkeypatch.setattr(sys, "stdout", open(write, "w", buffering=1))
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 60, "--log-every", "1")[2:]) == 0
+    assert ddpm.load_checkpoint(newest(tmp_path))["step"] == 60 and (tmp_path / "samples.png").exists()
+
+
+def test_sigterm_outside_training_stops_with_a_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the final pictures are drawn (after training, or with --sample-only) stops at once with status
+    143 and a line saying what is left, as Ctrl-C does, instead of ending the process without a word."""
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(train_moons, "save_reverse_gif", terminated)
+    tic = time.perf_counter()
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path, 20)[2:]) == 143
+    assert time.perf_counter() - tic < 4
+    assert "training had finished; draw samples with --sample-only" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not ddpm.abort_on_signal  # cli's handler is gone again
+
+
 def test_ctrl_c_while_torch_loads_is_quiet(tmp_path):
     """Ctrl-C in the first second, while the script is still importing torch: no traceback, the status of an
     interrupted program (130, or death by SIGINT if it came before Python was ready)."""
