@@ -1108,13 +1108,16 @@ def test_more_signals_during_the_save_keep_the_steps_and_a_third_aborts(tmp_path
     (["--num-points", "0"], 1, "--num-points must be at least 2"),
     (["--guidance", "3"], 1, "--guidance 3.0 needs --class-cond"),
 ])
-def test_bad_command_lines_exit_with_one_line_and_change_nothing(tmp_path, args, status, message):
-    """Bad input in a real process: the documented exit status, one line on stderr naming the problem, no
-    traceback, and no folder or file created."""
-    run = subprocess.run([sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(tmp_path / "run"), *args],
-                         capture_output=True, text=True, cwd=HERE)
-    assert run.returncode == status and message in run.stderr
-    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+def test_bad_command_lines_exit_with_one_line_and_change_nothing(tmp_path, args, status, message, capsys):
+    """Bad input: the documented exit status, one line on stderr naming the problem, no traceback, and no folder or
+    file created; through cli as the script calls it, and the first case also in a real process."""
+    if args == ["--no-such-flag"]:
+        run = subprocess.run([sys.executable, str(HERE / "train_moons.py"), "--out-dir", str(tmp_path / "run"),
+                              *args], capture_output=True, text=True, cwd=HERE)
+        assert run.returncode == status and message in run.stderr and run.stderr.count("\n") == 1
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, ["--out-dir", str(tmp_path / "run"), *args]) == status
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
