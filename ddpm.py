@@ -7,7 +7,7 @@ label y, and classifier-free guidance trades diversity for fidelity to that labe
 
 Two parts. PART I, THE LESSON, is all of DDPM in reading order: noise schedules → the diffusion process (forward,
 loss, the two samplers, guidance) → embeddings → backbones (MLP, U-Net) → training, the whole idea (Alg. 1 and the
-EMA in a plain loop). It imports only math, copy, os and torch, and runs on its own when pasted into a notebook.
+EMA in a plain loop). It imports only math, copy and torch, and runs on its own when pasted into a notebook.
 PART II, THE ENGINE ROOM, starts at the banner "# PART II": config and command line, checkpoints and exact resume,
 locks and signals, the resumable loop, benchmark, the image experiments. It builds on Part I, never re-implements it.
 
@@ -56,16 +56,10 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
-# Engine room, before torch loads OpenMP: bind its threads to cores of their own (why: Part II, use_threads).
-CPU_MASK = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-BIND_THREADS = "OMP_PROC_BIND" not in os.environ and os.environ.get("OMP_NUM_THREADS") != "1"  # 1 thread: no need
-if BIND_THREADS:
-    os.environ["OMP_PROC_BIND"] = "true"  # read as OpenMP loads; taken out again (Part II), not for child processes
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Noise schedules
@@ -792,20 +786,25 @@ from typing import Callable, ClassVar
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+# Threads bound to cores (why: use_threads). The scripts, before they import torch, give OpenMP one place per core the
+# process may use: OMP_PLACES="{0},{1},…". OpenMP then binds each of its threads to a place, the main thread (its
+# thread 0) to the first, as it loads. The places also say which cores the process had before that.
+BIND_THREADS = re.fullmatch(r"\{\d+\}(,\{\d+\})*", os.environ.get("OMP_PLACES", "")) is not None
+CPU_MASK = ({int(cpu) for cpu in re.findall(r"\d+", os.environ["OMP_PLACES"])} if BIND_THREADS else
+            os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1)))
 
 
 def free_main_thread() -> None:
-    """Lets the main thread run on any core of the process's own: Part I had torch's OpenMP bind its threads
-    (OMP_PROC_BIND), the main thread, its thread 0, to the first core. Free, it may go wherever the machine is idle,
-    and the processes it starts (data loaders, a notebook's commands) may use every core. use_threads binds it
-    again for a run of several threads."""
+    """Lets the main thread run on any core of the process's own: free, it may go wherever the machine is idle, and
+    the processes it starts (data loaders, a notebook's commands) may use every core. use_threads binds it again
+    for a run of several threads."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, CPU_MASK)
 
 
 free_main_thread()  # before any OpenMP thread starts
 if BIND_THREADS:  # a child process (torchrun's, a notebook's command) decides its own threads
-    del os.environ["OMP_PROC_BIND"]
+    del os.environ["OMP_PLACES"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. Configuration and the command line
@@ -1753,16 +1752,16 @@ def use_threads(cfg: TrainConfig, state: dict | None = None) -> TrainConfig:
 
     What keeps a machine that becomes busy from slowing a run several-fold is where the threads run: OpenMP waits
     for all threads at the end of every operation, so one thread that shares its core with another program holds
-    up all of them, worse when the threads wander between cores. Bound each to a core of its own (OMP_PROC_BIND, set
-    at the top of the file; here the main thread, OpenMP's thread 0), another busy program slows only the one it
-    shares a core with. Measured on the 2-core VM with one busy process starting halfway through a default run: the
+    up all of them, worse when the threads wander between cores. Bound each to a core of its own (OMP_PLACES, set by
+    the scripts; here the main thread, OpenMP's thread 0), another busy program slows only the one it shares a core
+    with. Measured on the 2-core VM with one busy process starting halfway through a default run: the
     moons 3.2× slower unbound, 2.4× bound; the MNIST U-Net (README, "Threads on a shared CPU").
     """
     saved = state["config"].get("threads", 0) if state else 0
     from_env = int((os.environ.get("OMP_NUM_THREADS") or "0").split(",")[0] or 0)
     threads = cfg.threads or (saved if saved <= len(CPU_MASK) else 0) or from_env or len(CPU_MASK)
     torch.set_num_threads(threads)
-    if threads > 1 and hasattr(os, "sched_setaffinity") and (BIND_THREADS or os.environ.get("OMP_PROC_BIND")):
+    if threads > 1 and BIND_THREADS and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(CPU_MASK)})  # OpenMP's thread 0 on its place, each thread on a core of its own
     return dataclasses.replace(cfg, threads=threads)
 

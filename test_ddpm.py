@@ -15,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import ddpm  # first, as the scripts do: it has torch's threads bound to cores (README: "Threads on a shared CPU")
+# As the scripts do, before torch loads: one OpenMP place per core (README: "Threads on a shared CPU").
+if os.environ.get("OMP_NUM_THREADS") != "1" and hasattr(os, "sched_getaffinity"):
+    os.environ.setdefault("OMP_PLACES", ",".join(f"{{{cpu}}}" for cpu in sorted(os.sched_getaffinity(0))))
+import ddpm  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -530,13 +533,13 @@ def part_one_module():
 
 
 def test_part_one_alone_trains_and_samples_the_moons():
-    """Part I pasted alone (it imports only math, copy, os and torch) trains a class-conditional MLP on the moons with
+    """Part I pasted alone (it imports only math, copy and torch) trains a class-conditional MLP on the moons with
     its plain loop fit(), and both samplers draw moons: ancestral samples with guidance put each label on its own
     moon (> 90 %; an unconditional model: ~50 %), DDIM samples are within energy distance 0.01 of fresh moons (two
     real sets of 2,000: ~0.001; a Gaussian with the moons' mean and spread: ~0.03)."""
     part1, source = part_one_module()
     imported = set(re.findall(r"^(?:import|from) (\w+)", source, flags=re.M))
-    assert imported <= {"math", "copy", "os", "torch", "typing", "__future__"}, imported
+    assert imported <= {"math", "copy", "torch", "typing", "__future__"}, imported
     assert "TrainConfig" not in part1.__dict__ and "fit" in part1.__dict__
     points, labels = train_moons.make_moons(4000, 0.05, torch.Generator().manual_seed(0))
     mean, std = points.mean(0), points.std(0)
@@ -1638,8 +1641,7 @@ def test_thread_count_is_a_rule_of_the_machine_and_flags_and_a_resume_keeps_it(t
         monkeypatch.delenv("OMP_NUM_THREADS")
         assert ddpm.use_threads(ddpm.TrainConfig()).threads == cores == torch.get_num_threads()
         assert ddpm.use_threads(ddpm.TrainConfig(threads=1)).threads == 1 == torch.get_num_threads()
-        if cores > 1 and hasattr(os, "sched_setaffinity"):
-            monkeypatch.setenv("OMP_PROC_BIND", "true")
+        if cores > 1 and ddpm.BIND_THREADS:
             ddpm.use_threads(ddpm.TrainConfig(threads=2))
             assert os.sched_getaffinity(0) == {min(ddpm.CPU_MASK)}
             ddpm.free_main_thread()

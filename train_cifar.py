@@ -13,8 +13,14 @@ On a CPU, README.md ("CIFAR-10 on a CPU") gives a recipe with a 1.1M-parameter U
 Writes runs/cifar/: ckpt_<step>.pt, metrics.csv, loss.png, samples/step_*.png (one row per class, fixed noise),
 samples.png and reverse.png.
 """
+import os
 import sys
 from dataclasses import dataclass
+
+# Before torch loads: one OpenMP place per core, so that each thread is bound to a core of its own (ddpm.use_threads
+# says why); run as a program only, not for one thread (torchrun's OMP_NUM_THREADS=1), nor where places are set.
+if __name__ == "__main__" and os.environ.get("OMP_NUM_THREADS") != "1" and hasattr(os, "sched_getaffinity"):
+    os.environ.setdefault("OMP_PLACES", ",".join(f"{{{cpu}}}" for cpu in sorted(os.sched_getaffinity(0))))
 
 try:  # Ctrl-C while torch is still loading (a few seconds) ends quietly, like a Ctrl-C at any other moment
     import torch

@@ -11,8 +11,14 @@ Writes runs/mnist/: ckpt_<step>.pt, metrics.csv, loss.png, samples/step_*.png (o
 samples.png (the final grid) and reverse.png (the reverse process of one image per digit). README.md gives the
 measured time of the default run on a CPU.
 """
+import os
 import sys
 from dataclasses import dataclass
+
+# Before torch loads: one OpenMP place per core, so that each thread is bound to a core of its own (ddpm.use_threads
+# says why); run as a program only, not for one thread (torchrun's OMP_NUM_THREADS=1), nor where places are set.
+if __name__ == "__main__" and os.environ.get("OMP_NUM_THREADS") != "1" and hasattr(os, "sched_getaffinity"):
+    os.environ.setdefault("OMP_PLACES", ",".join(f"{{{cpu}}}" for cpu in sorted(os.sched_getaffinity(0))))
 
 try:  # Ctrl-C while torch is still loading (a few seconds) ends quietly, like a Ctrl-C at any other moment
     import ddpm

@@ -16,12 +16,18 @@ bound on the EMA model's −log likelihood [DDPM Eq. 5] of fresh moons, in bits 
 moons distribution itself (from its known density), which no model's average −log likelihood can go below.
 """
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# Before torch loads: one OpenMP place per core, so that each thread is bound to a core of its own (ddpm.use_threads
+# says why); run as a program only, not for one thread (torchrun's OMP_NUM_THREADS=1), nor where places are set.
+if __name__ == "__main__" and os.environ.get("OMP_NUM_THREADS") != "1" and hasattr(os, "sched_getaffinity"):
+    os.environ.setdefault("OMP_PLACES", ",".join(f"{{{cpu}}}" for cpu in sorted(os.sched_getaffinity(0))))
+
 try:  # Ctrl-C while torch is still loading (a few seconds) ends quietly, like a Ctrl-C at any other moment
-    import ddpm  # first: it sets up torch's threads before torch loads (see its top)
+    import ddpm
     import numpy as np
     import torch
 except KeyboardInterrupt:

@@ -12,14 +12,20 @@ committed MNIST figure stays. The script says which. Everything is seeded: the s
 """
 import argparse
 import io
+import os
 import sys
 import time
 from pathlib import Path
 
+# Before torch loads: one OpenMP place per core, so that each thread is bound to a core of its own (ddpm.use_threads
+# says why); run as a program only, not for one thread (torchrun's OMP_NUM_THREADS=1), nor where places are set.
+if __name__ == "__main__" and os.environ.get("OMP_NUM_THREADS") != "1" and hasattr(os, "sched_getaffinity"):
+    os.environ.setdefault("OMP_PLACES", ",".join(f"{{{cpu}}}" for cpu in sorted(os.sched_getaffinity(0))))
+
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
-import ddpm  # noqa: E402  (after the path is set: the script runs from any folder; before torch: see its top)
+import ddpm  # noqa: E402  (after the path is set: the script runs from any folder)
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
