@@ -1436,8 +1436,7 @@ class OutDirLock:
             return self
         if holder:
             file.close()
-            raise UserError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
-                            f"finish or stop it, or use another --out-dir")
+            raise self.in_use(self.path.parent, holder)
         with disk_errors(self.path):  # a full disk: stop here, before any training
             file.seek(0)
             file.truncate()
@@ -1449,6 +1448,11 @@ class OutDirLock:
     def __exit__(self, *exc):
         if self.file is not None:
             self.file.close()  # releases the lock; the file stays for the next run to lock
+
+    @staticmethod
+    def in_use(out_dir, holder: str) -> UserError:
+        return UserError(f"{out_dir} is in use by another training run ({holder}); wait for it to finish or stop it, "
+                         f"or use another --out-dir")
 
     @classmethod
     def holder(cls, out_dir) -> str | None:
@@ -1557,9 +1561,7 @@ def resume_command() -> str:
     if not sys.argv or not sys.argv[0].endswith(".py"):
         return "call train() again with resume=True in the config"
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
-    world, local = process_rank()[1], os.environ.get("LOCAL_WORLD_SIZE")  # torchrun's processes: all, this machine's
-    launcher = ("python" if world == 1 else f"torchrun --standalone --nproc_per_node={local}" if str(world) == local
-                else "torchrun <your torchrun options>")
+    launcher = "python" if process_rank()[1] == 1 else "torchrun <the same torchrun options>"
     return " ".join([launcher, *(shlex.quote(a) for a in [sys.argv[0], *args, "--resume"])])
 
 
@@ -1774,8 +1776,7 @@ def check_out_dir(cfg: TrainConfig) -> None:
     if found and not cfg.resume and not cfg.overwrite:
         holder = OutDirLock.holder(cfg.out_dir)  # a run going on there is the first thing to know
         if holder:
-            raise UserError(f"{cfg.out_dir} is in use by another training run ({holder}); wait for it to finish "
-                            f"or stop it, or use another --out-dir")
+            raise OutDirLock.in_use(cfg.out_dir, holder)
         with contextlib.suppress(CheckpointError):  # unreadable: --resume will say why
             refuse_foreign(load_checkpoint(found[0], header_only=True), cfg, cfg.out_dir,
                            "choose another --out-dir, or --overwrite to replace that run")
