@@ -809,6 +809,11 @@ if BIND_THREADS:  # a child process (torchrun's, a notebook's command) decides i
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. Configuration and the command line
 # ----------------------------------------------------------------------------------------------------------------------
+# A run's settings are one dataclass, the single source of truth. Its fields are the command line's flags (each
+# field's trailing comment is its --help text), check() refuses an impossible value before anything is created, and
+# the whole config goes into every checkpoint, so that `--resume` alone continues a run with the settings it started
+# with. A problem the user can fix is a UserError: one line on stderr, exit status 1, no traceback; any other
+# exception is a bug, and keeps its traceback.
 
 
 class UserError(Exception):
@@ -1058,6 +1063,10 @@ def choose_device(name: str = "auto") -> torch.device:
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. Data and the order of batches
 # ----------------------------------------------------------------------------------------------------------------------
+# No DataLoader: the data sets here fit in memory (CIFAR-10's 50,000 images are 150 MB as uint8), so the whole set
+# sits on the training device and a batch is one indexing operation: no worker processes to start, seed or save, and
+# no copy from host to device per step. What is left of the data's state is the order of the batches, which
+# BatchOrder keeps in a form a checkpoint can hold.
 
 @dataclass
 class Data:
@@ -1071,7 +1080,8 @@ class Data:
     hflip: bool = False              # flip images left-right at random (data augmentation)
     meta: dict = field(default_factory=dict)  # other facts a resumed run must agree on (e.g. normalisation)
 
-    def __post_init__(self):  # labels enter here: check them once, not in every forward pass
+    def __post_init__(self):
+        """Checks the labels once, here, rather than in every forward pass."""
         if self.y is not None:
             if self.y.shape != (len(self.x),):
                 raise UserError(f"the labels have shape {tuple(self.y.shape)}; give one label per example, "
@@ -1142,6 +1152,10 @@ class BatchOrder:
 # and STATE_KEYS (where it stands), plus a checksum. Exact resume rests on the state inventory: everything the loop
 # reads that changes while it runs. Miss one piece and a resumed run drifts from an unbroken one. Each name below is
 # saved, restored and required under that one name (Trainer.inventory).
+# Writing: save_checkpoint → atomic_write (a temporary file, fsync, rename over, fsync of the folder). Reading:
+# newest_checkpoint → load_checkpoint (weights_only, then format, version, keys and checksum), falling back to an older
+# file when the newest is damaged. A run reads its checkpoint's weights once (train() or load_for_sampling);
+# saved_settings, for the flags a command line left out, maps the file and reads only its header.
 STATE_KEYS = (
     "model",        # the weights θ
     "ema",          # the moving average that samples come from
@@ -1392,6 +1406,10 @@ def load_for_sampling(cfg: TrainConfig) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # 9. One run per out-dir, stopping on signals, and the metrics log
 # ----------------------------------------------------------------------------------------------------------------------
+# Three guards around a run, each against a way to lose work. OutDirLock: two runs in one folder would overwrite each
+# other's checkpoints. StopOnSignal: Ctrl-C or a cluster's SIGTERM becomes "finish the step, save, exit 130 or 143"
+# instead of an abort that loses every step since the last checkpoint. MetricsLog: the loss curve agrees with the
+# checkpoints after any number of crashes and resumes.
 
 class OutDirLock:
     """Keeps a second training process out of an out-dir by holding an exclusive lock on <out_dir>/train.lock.
@@ -1422,6 +1440,8 @@ class OutDirLock:
             return None if holder == f"pid {os.getpid()} on {socket.gethostname()}" else holder
 
     def __enter__(self):
+        """Takes the lock, or raises UserError naming the process that holds it; then writes this process's pid and
+        host into the file, for the messages of the runs it keeps out."""
         try:
             file = open(self.path, "a+")
         except OSError as e:
@@ -1505,6 +1525,7 @@ class StopOnSignal:
             os.write(2, f"\n{text}\n".encode())
 
     def _handle(self, signum, frame):
+        """The handler of both signals: what one means depends on how far the run is (see the class)."""
         if not self.training:
             raise AbortedBySignal(signum, before_training=True)
         name, self.repeats = signal.Signals(signum).name, self.repeats + (self.signum is not None)
@@ -1568,6 +1589,12 @@ def resume_command() -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # 10. The resumable training loop: Part I's train_step and EMA, with every piece of state in the inventory
 # ----------------------------------------------------------------------------------------------------------------------
+# train() sets a run up (checks, the lock, the checkpoint read once, the threads) and _train_loop runs it. Each
+# iteration: (1) Trainer.step, a step of Alg. 1 with the update and the EMA; (2) every --log-every steps, a log line
+# and a row of metrics.csv; (3) every --sample-every steps, a picture; (4) every --ckpt-every steps, a checkpoint;
+# (5) after a signal, the stop. Everything the step reads that changes from one step to the next is an entry of
+# Trainer.inventory(), saved and restored under its name in STATE_KEYS: that is what makes a resume exact. FastPath
+# decides once how the step computes (bf16, memory layout, fused AdamW), from the flags and the hardware alone.
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 in hardware: a CUDA GPU of compute capability 8.0 or more (Ampere and
@@ -1632,6 +1659,7 @@ class GlobalRNG:
         self.rank, self.world = process_rank()
 
     def state_dict(self) -> dict:
+        """The generators' states; under torchrun a collective, which every process calls and process 0 saves."""
         state = {"torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                  "mps": torch.mps.get_rng_state() if self.device.type == "mps" else None}
@@ -1668,6 +1696,9 @@ class Trainer:
     the very same step."""
 
     def __init__(self, model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, device: torch.device):
+        """Builds the run from fresh seeds: the model on the device in its memory layout (wrapped in DDP under
+        torchrun), the EMA, AdamW, the batch order, the generators and the counters. restore() then overwrites
+        every piece of it from a checkpoint."""
         self.rank, self.world = process_rank()
         torch.manual_seed(cfg.seed + self.rank * 2**32)  # t and ε: process r's own stream; process 0's as ever
         self.cfg, self.device, self.lr = cfg, device, 0.0
@@ -1699,6 +1730,8 @@ class Trainer:
         return {**header, **{name: part.state_dict() for name, part in self.inventory().items()}}
 
     def restore(self, state: dict) -> None:
+        """Loads every piece of the inventory from a checkpoint: the next step is then the one the saved run would
+        have taken."""
         for name, part in self.inventory().items():
             part.load_state_dict(state[name])
 
@@ -1948,6 +1981,9 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
 # ----------------------------------------------------------------------------------------------------------------------
 # 11. The command line's runner: one line per problem, an exit status per outcome
 # ----------------------------------------------------------------------------------------------------------------------
+# The scripts end with sys.exit(cli(Config, main)). cli turns every outcome into an exit status and at most one line,
+# so that a shell or a cluster's requeue script can tell "done" (0) from "fix the command" (1, 2) from "stopped with
+# a checkpoint: run me again with --resume" (130, 143).
 
 EXIT_STATUS = """exit status: 0 done; 1 a problem the printed line explains (nothing was changed); 2 a malformed
 command line; 130 (Ctrl-C) or 143 (SIGTERM): stopped, with a checkpoint to resume from."""
@@ -1961,6 +1997,7 @@ class SurvivingStdout:
         self.stream = stream
 
     def _guard(self, method, *args):
+        """method(*args); once the reader is gone (BrokenPipeError), the stream goes to /dev/null (returns None)."""
         try:
             return method(*args)
         except BrokenPipeError:  # point the file descriptor at /dev/null: later writes and the final flush succeed
@@ -2058,6 +2095,9 @@ def saved_progress(cfg: TrainConfig) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # 12. Drawing samples: progress, the stop, the sampler the flags name, the loss plot
 # ----------------------------------------------------------------------------------------------------------------------
+# A picture drawn during training must say how far it is and stop when asked: _WatchedModel wraps the network so that
+# each sampler step advances a Progress line and notices a pending stop, while Part I's samplers know of neither.
+# resolve_sampler turns --sampler auto into a sampler and a step count before any file is named after them.
 
 class Progress:
     """A wait that says what it does and how far it is, on the line that announces it, updated in place:
@@ -2079,6 +2119,7 @@ class Progress:
         return self
 
     def advance(self, n: int = 1) -> None:
+        """Counts n more done; the line is redrawn at most once every `every` seconds."""
         self.done += n
         if time.perf_counter() > self.shown + self.every:  # a few a second in a terminal, one per 20 s in a log
             self.shown = time.perf_counter()
@@ -2097,6 +2138,7 @@ class _WatchedModel:
         self.model, self.progress = model, progress
 
     def __call__(self, *args, **kwargs):
+        """One sampling step: the network's output, or SamplingStopped once a stop was asked for."""
         stop = StopOnSignal.active
         if stop is not None and stop.signum is not None:
             raise SamplingStopped
@@ -2171,6 +2213,9 @@ def plot_loss(out_dir) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # 13. Image experiments: the shared body of train_mnist.py and train_cifar.py
 # ----------------------------------------------------------------------------------------------------------------------
+# MNIST and CIFAR-10 differ only in their loader and defaults; run_images is the main() of both. Its order: the
+# refusals first (a wrong --label, a dump folder in use, a bad --resume or --overwrite), then the data, the model and
+# training, then the pictures, the bound and the dump, so that a mistake in a command line never costs a training run.
 
 @dataclass
 class ImageConfig(TrainConfig):
@@ -2200,6 +2245,7 @@ class ImageConfig(TrainConfig):
                                 "nll": -1}
 
     def check(self) -> None:
+        """TrainConfig's checks, and that --image-size is given only where it changes something."""
         super().check()
         builtin = type(self).image_size  # a script's default is its built-in data set's side
         if not self.data and not self.bench and self.image_size != builtin:
@@ -2264,6 +2310,7 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str, train: b
     folders_before = {root, *(p for p in root.rglob("*") if p.is_dir())} if root.exists() else set()
 
     def fetch():
+        """The data set, downloaded or found; offline, a UserError, with the folders the attempt made removed."""
         try:
             return dataset_cls(cfg.data_dir, train=train, download=True)
         except (OSError, RuntimeError) as e:  # offline: URLError (an OSError) or torchvision's RuntimeError

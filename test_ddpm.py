@@ -1142,10 +1142,10 @@ def test_corrupted_checkpoint_with_resume_is_a_one_line_error_and_changes_nothin
 
 def test_moons_density_is_a_density_with_the_entropy_of_thin_arcs():
     """moons_log_density is the density make_moons draws from: it integrates to 1 over the plane (a 0.02 grid, a fifth
-    of the noise 0.1, within 1e-3: the midpoint rule's error on a Gaussian that smooth is below 1e-7); a class's density likewise; and for thin moons (noise 0.01) the entropy
-    −E log p is that of a uniform law along the two arcs' total length 2π times a 1-D Gaussian across them,
-    log 2π + ½·log(2πe·0.01²), within 4 standard errors of its Monte-Carlo mean over 20,000 fresh points plus 0.005
-    for the arcs' ends and curvature (of order noise/π)."""
+    of the noise 0.1, within 1e-3; it came within 1e-7 here, as on a 0.01 grid); a class's density likewise; and for
+    thin moons (noise 0.01) the entropy −E log p is that of a uniform law along the two arcs' total length 2π times a
+    1-D Gaussian across them, log 2π + ½·log(2πe·0.01²), within 4 standard errors of its Monte-Carlo mean over 20,000
+    fresh points plus 0.005 for the arcs' ends and curvature (of order noise/π)."""
     xs, ys = torch.arange(-1.6, 2.6, 0.02), torch.arange(-1.2, 1.7, 0.02)
     grid = torch.cartesian_prod(xs, ys)
     for labels in (None, torch.zeros(len(grid), dtype=torch.long), torch.ones(len(grid), dtype=torch.long)):
