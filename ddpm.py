@@ -762,7 +762,16 @@ def fit(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tenso
 #   * a checkpoint on disk is never torn: files are written aside, fsynced, then renamed into place;
 #   * bad input and bad files end in one clear line (UserError), with nothing on disk changed;
 #   * the same command on the same machine computes the same numbers, however busy the machine is.
-# Where to look: the checkpoint format is STATE_KEYS and Trainer.state (section 8 and 10); the loop is _train_loop.
+# The sections, in the order a run meets them:
+#   6  TrainConfig, the flags made from it, and torchrun's processes joined (choose_device)
+#   7  Data, held whole on the device, and BatchOrder, the order of its batches (saved)
+#   8  checkpoints: what they hold (STATE_KEYS), atomic writes, verified reads, the resume guard
+#   9  the out-dir lock, the signal handler (StopOnSignal), metrics.csv
+#   10 the loop: Trainer (the state and one step), train() and _train_loop, benchmark()
+#   11 cli(), which runs a script's main() and turns every outcome into one line and an exit status
+#   12 sampling while training: progress lines, the stop, the loss plot
+#   13 the image experiments shared by train_mnist.py and train_cifar.py
+# A first reading: Trainer.step, then _train_loop, then STATE_KEYS and load_checkpoint.
 import argparse
 import contextlib
 import dataclasses
@@ -1166,6 +1175,14 @@ STATE_KEYS = (
 )
 HEADER_KEYS = ("format", "version", "step", "config", "config_class", "script", "data_info")  # what the run is
 CKPT_FORMAT, CKPT_VERSION = "diffusionlab-checkpoint", 2
+# So a checkpoint is, as torch.load(path, weights_only=True) returns it (here a moons run's):
+#   {"format": "diffusionlab-checkpoint", "version": 2, "step": 1800,
+#    "config": {"out_dir": "runs/moons", "steps": 1800, …every field}, "config_class": "MoonsConfig",
+#    "script": "train_moons.py", "data_info": {"size": 100000, "shape": [2], "dtype": "torch.float32", …},
+#    "model": {"time_mlp.0.weight": tensor, …}, "ema": {…the same names}, "optimizer": {"state": …, "param_groups": …},
+#    "data_order": {"generator": tensor, "perm": tensor, "pos": 21600}, "rng": {"torch": tensor, "cuda": None, …},
+#    "loop": {"step": 1800, "loss_sum": 19.33, "loss_count": 50, "bad_streak": 0, "skipped": 0},
+#    "checksum": "9f2c…" (SHA-256 of all the rest)}
 
 
 def fsync_dir(folder: Path) -> None:
@@ -1589,12 +1606,11 @@ def resume_command() -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # 10. The resumable training loop: Part I's train_step and EMA, with every piece of state in the inventory
 # ----------------------------------------------------------------------------------------------------------------------
-# train() sets a run up (checks, the lock, the checkpoint read once, the threads) and _train_loop runs it. Each
-# iteration: (1) Trainer.step, a step of Alg. 1 with the update and the EMA; (2) every --log-every steps, a log line
-# and a row of metrics.csv; (3) every --sample-every steps, a picture; (4) every --ckpt-every steps, a checkpoint;
-# (5) after a signal, the stop. Everything the step reads that changes from one step to the next is an entry of
-# Trainer.inventory(), saved and restored under its name in STATE_KEYS: that is what makes a resume exact. FastPath
-# decides once how the step computes (bf16, memory layout, fused AdamW), from the flags and the hardware alone.
+# train() sets a run up (checks, the lock, the checkpoint read once, the threads) and _train_loop runs it: a step,
+# the log, a picture, a checkpoint, the stop, numbered there; Trainer.step's own stages are numbered too. Everything
+# a step reads that changes from one step to the next is an entry of Trainer.inventory(), saved and restored under
+# its name in STATE_KEYS: that is what makes a resume exact. FastPath decides once how the step computes (bf16,
+# memory layout, fused AdamW), from the flags and the hardware alone.
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 in hardware: a CUDA GPU of compute capability 8.0 or more (Ampere and
@@ -1741,17 +1757,20 @@ class Trainer:
         (stop.signum, read once the gradient is computed); under torchrun, one that any process got, so that all
         stop after the same step."""
         cfg, c = self.cfg, self.counters
+        # 1. The learning rate of this step: a function of the step alone (lr_factor), so nothing to save for it.
         self.lr = cfg.lr * lr_factor(c.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        # Under torchrun all processes draw the same batch of B from identical BatchOrders, and process r trains on
-        # slice r of it (flips included): the examples a step sees do not depend on the number of processes W.
+        # 2. The batch. Under torchrun all processes draw the same batch of B from identical BatchOrders, and
+        # process r trains on slice r of it (flips included): the examples a step sees do not depend on the number
+        # of processes W.
         idx, flip = (t.view(self.world, -1)[self.rank] for t in self.order.next())
         x0, y = self.data.batch(idx.to(self.device), flip.to(self.device))
         if self.fast.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        # 3. The loss and its gradient, clipped: Part I's train_step [DDPM Alg. 1, lines 2–5].
         loss, grad_norm = train_step(self.model_fn, self.diffusion, x0, y, cfg.grad_clip, self.fast.amp)
-        # The one wait for the device per step: whether to update depends on the loss and gradient being finite.
+        # 4. The one wait for the device per step: whether to update depends on the loss and gradient being finite.
         signum, values = stop and stop.signum, torch.stack([loss.detach().float(), grad_norm.float()])
         if self.world > 1:
             # The same wait carries one all-reduce (a sum) of what all must agree on: the loss (/ W: the mean), the
@@ -1764,6 +1783,7 @@ class Trainer:
         loss_value, norm_value, *sent = values.tolist()
         if sent:
             signum = next((s for s, n in zip((signal.SIGINT, signal.SIGTERM), sent) if n), None)
+        # 5. The update and the EMA, or for a NaN/Inf loss or gradient, no update (counted; max_bad_steps ends it).
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.optimizer.step()
             self.ema.update(c.step)
@@ -1891,6 +1911,7 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
     tic, window = time.perf_counter(), 0  # the steps since the last log line, and their time (not sampling or saving)
     stop.training = True  # from here a signal asks to stop after the step, with a checkpoint
     while c.step < cfg.steps:
+        # 1. A step; then the NaN guard: a run whose loss stays NaN stops, its last good checkpoint kept.
         agreed = trainer.step(stop)
         window, stop.unsaved = window + 1, stop.unsaved + 1
         if c.bad_streak >= cfg.max_bad_steps:
@@ -1898,6 +1919,7 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             kept = f"the last good checkpoint, {saved[0]}, is intact" if saved else "no checkpoint was written"
             raise UserError(f"the loss was NaN or Inf for {c.bad_streak} steps in a row (up to step {c.step}); "
                             f"training stopped and {kept}. Lower --lr, or try --amp none")
+        # 2. The log line and its row in metrics.csv: the mean of the window's finite losses, and the speed.
         if c.step % cfg.log_every == 0 or c.step == cfg.steps:
             rate = window * cfg.batch_size / max(time.perf_counter() - tic, 1e-9)
             mean_loss = c.loss_sum / c.loss_count if c.loss_count else float("nan")
@@ -1910,15 +1932,16 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
             if c.step % cfg.log_every == 0:  # a run's last row may end a window early; a longer resume then
                 c.loss_sum, c.loss_count = 0.0, 0  # continues that window, so its next row matches an unbroken run
             tic, window = time.perf_counter(), 0
-        # Pictures come from the EMA weights, the ones a user samples from at the end (in eval mode: no dropout).
+        # 3. A picture, from the EMA weights, the ones a user samples from at the end (in eval mode: no dropout).
         if on_snapshot is not None and cfg.sample_every and c.step % cfg.sample_every == 0 and main:
             try:
                 on_snapshot(trainer.ema.model, c.step)
             except SamplingStopped:  # a signal came while drawing: go straight on to the checkpoint
                 print(f"step {c.step}: picture abandoned for the stop", flush=True)
             tic, window = time.perf_counter(), 0
-        # The stop: one process reads it now, as late as it can (a signal during the log or a picture counts);
-        # under torchrun it is the one all processes agreed on in step(), so that all stop after the same step.
+        # 4. A checkpoint, on schedule or for the stop. The stop: one process reads it now, as late as it can (a
+        # signal during the log or a picture counts); under torchrun it is the one all processes agreed on in step(),
+        # so that all stop after the same step.
         stopping = stop.signum if trainer.world == 1 else agreed
         if c.step % cfg.ckpt_every == 0 or c.step == cfg.steps or stopping:
             state = trainer.state()  # under torchrun a collective (GlobalRNG's)
@@ -1926,6 +1949,7 @@ def _train_loop(trainer: Trainer, on_snapshot, out_dir: Path, stop: StopOnSignal
                 metrics.sync()  # the rows up to this step are on disk before a checkpoint says they were logged
                 path = save_checkpoint(state, out_dir, cfg.keep_ckpts)
             tic, window, stop.unsaved = time.perf_counter(), 0, 0
+        # 5. The stop, once the checkpoint is written: TrainingInterrupted, which cli() turns into exit status 128 + N.
         if stopping:
             if trainer.world > 1:  # none exits before the checkpoint is written, or torchrun would stop process 0
                 dist.barrier()
