@@ -850,9 +850,7 @@ def flag(name: str) -> str:
 def one_line(error: BaseException) -> str:
     """The first line of an exception's message (library messages can run to paragraphs); a first line that only
     announces the reason ("Error downloading x.gz:") gets the last line, where the reason is, after it."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
     return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
@@ -1618,10 +1616,9 @@ def native_bf16(device: torch.device) -> bool:
     other systems, MPS included: False, not measured here)."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    try:
+    flags = []
+    with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text().split() if device.type == "cpu" else []
-    except OSError:
-        flags = []
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -1642,8 +1639,7 @@ class FastPath:
         (one thread, the MNIST U-Net, batch 64, img/s): fp32 71, bf16 149; NHWC 82 in fp32 but 96 in bf16, so on a
         CPU NHWC goes with fp32 only (GPU tensor cores want it under bf16); fused AdamW 2-3 % faster. The MLP of
         the moons stays float32: its points need more than bf16's 8 bits of mantissa, and it is fast already."""
-        bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and images and native_bf16(device))
-        amp = torch.bfloat16 if bf16 else None
+        amp = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and images and native_bf16(device)) else None
         return cls(amp=amp, channels_last=images and (device.type == "cuda" or amp is None),
                    fused_adam=device.type in ("cuda", "cpu"))
 
@@ -1736,8 +1732,7 @@ class Trainer:
 
     def inventory(self) -> dict:
         """STATE_KEYS → the object holding that piece of state; each has state_dict() and load_state_dict()."""
-        parts = (self.model, self.ema.model, self.optimizer, self.order, self.rng, self.counters)
-        return dict(zip(STATE_KEYS, parts))
+        return dict(zip(STATE_KEYS, (self.model, self.ema.model, self.optimizer, self.order, self.rng, self.counters)))
 
     def state(self) -> dict:
         """The checkpoint: what the run is (HEADER_KEYS), then every piece of state in the inventory."""
@@ -1766,8 +1761,7 @@ class Trainer:
         # of processes W.
         idx, flip = (t.view(self.world, -1)[self.rank] for t in self.order.next())
         x0, y = self.data.batch(idx.to(self.device), flip.to(self.device))
-        if self.fast.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = x0.contiguous(memory_format=torch.channels_last) if self.fast.channels_last else x0
         # 3. The loss and its gradient, clipped: Part I's train_step [DDPM Alg. 1, lines 2–5].
         loss, grad_norm = train_step(self.model_fn, self.diffusion, x0, y, cfg.grad_clip, self.fast.amp)
         # 4. The one wait for the device per step: whether to update depends on the loss and gradient being finite.
@@ -1887,9 +1881,8 @@ def train(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, 
             stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
         # Process 0 claims the folder and reads the checkpoint; the others wait, then read the one it chose.
         resumed = on_rank_0(lambda: claim_out_dir(cfg, data, stack))
-        if cfg.resume:
-            state, path = resumed or newest_checkpoint(cfg)
-        cfg = use_threads(cfg, state if cfg.resume else None)  # a resume computes with the run's count
+        state, path = (resumed or newest_checkpoint(cfg)) if cfg.resume else (None, None)
+        cfg = use_threads(cfg, state)  # a resume computes with the run's count
         trainer = Trainer(model, diffusion, data, cfg, device)
         if cfg.resume:
             trainer.restore(state)
@@ -2067,8 +2060,9 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         if dist.is_initialized():  # leave together: a process that tears down while process 0 still draws pictures
             dist.barrier()         # can take the group's background threads down with an abort
         return 0
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, lines of several processes do not interleave
+    except (UserError, OSError) as e:  # OSError: a write outside the checkpoint code failed (a picture, a full disk)
+        # One write: under torchrun, lines of several processes do not interleave.
+        sys.stderr.write(f"error: {e if isinstance(e, UserError) else one_line(e)}\n")
         return 1
     except RuntimeError as e:  # under torchrun, an exchange with a process that died (gloo or NCCL says so)
         if process_rank()[1] == 1 or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
@@ -2094,9 +2088,6 @@ def cli(config_cls, main: Callable, argv=None) -> int:
               + ("" if not find_checkpoints(cfg.out_dir) else f"; {saved_progress(cfg)}")
               if getattr(e, "before_training", False) else f"aborted; {saved_progress(cfg)}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
-    except OSError as e:  # a write that failed outside the checkpoint code (a picture on a full disk, say)
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
     finally:  # on every way out: a group left to the interpreter's exit can abort it ("terminate called …")
         if main_thread:
             signal.signal(signal.SIGTERM, previous_term)
@@ -2135,8 +2126,7 @@ class Progress:
         self.start = self.shown = time.perf_counter()
 
     def _show(self, end: str = "") -> None:
-        print(f"\r{self.what}: {self.done:,}/{self.total:,}{self.unit}{end}", end="" if not end else "\n",
-              flush=True)
+        print(f"\r{self.what}: {self.done:,}/{self.total:,}{self.unit}{end}", end="\n" if end else "", flush=True)
 
     def __enter__(self):
         self._show()
@@ -2201,8 +2191,7 @@ def draw(diffusion: Diffusion, model, cfg: TrainConfig, shape, y=None, generator
     with guidance weight cfg.guidance. Arguments and return value as Diffusion.sample; progress counts the steps.
     Raises SamplingStopped within one step of a stop asked for by a signal during train()."""
     cfg = resolve_sampler(cfg, diffusion.betas.device)
-    kwargs = dict(y=y, guidance=cfg.guidance, generator=generator, clip_x0=clip_x0,
-                  return_trajectory=return_trajectory)
+    kwargs = dict(y=y, guidance=cfg.guidance, generator=generator, clip_x0=clip_x0, return_trajectory=return_trajectory)
     model = _WatchedModel(model, progress)
     if cfg.sampler == "ddim":
         return diffusion.ddim_sample(model, shape, steps=cfg.sample_steps, **kwargs)
@@ -2346,8 +2335,7 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str, train: b
                             f"network, put {offline_files} and rerun, or train on your own images with --data "
                             f"FOLDER") from None
 
-    dataset = on_rank_0(fetch)  # under torchrun, process 0 downloads while the others wait; they then find the files
-    dataset = fetch() if dataset is None else dataset
+    dataset = on_rank_0(fetch) or fetch()  # under torchrun, process 0 downloads while the others wait, then find it
     print(f"data: {len(dataset):,} {dataset_cls.__name__} {'training' if train else 'test'} images from {cfg.data_dir}")
     return dataset
 
@@ -2428,8 +2416,7 @@ class ImageSampler:
 
     def progress(self, what: str, images: int) -> Progress:
         """The line that announces a drawing: what, how many images, which sampler and steps, which guidance."""
-        cfg = self.cfg
-        chunks = math.ceil(images / cfg.batch_size)
+        cfg, chunks = self.cfg, math.ceil(images / self.cfg.batch_size)
         return Progress(f"{what} ({images:,} images, {cfg.sampler} {sampling_steps(cfg)} steps, guidance "
                         f"{cfg.guidance:g})", sampling_steps(cfg) * chunks,
                         " steps" if chunks == 1 else f" steps of {chunks} batches")

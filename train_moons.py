@@ -1,4 +1,4 @@
-"""DDPM on the two-moons toy data: 2-D points, trained and sampled in about 20 seconds on a laptop CPU.
+"""DDPM on the two-moons toy data: 2-D points, trained and sampled in 20 to 50 seconds on a 2-core CPU.
 
     python train_moons.py                   # train, then write runs/moons/: samples.npy, samples.png, loss.png,
                                             #   reverse.gif, snapshots/, ckpt_<step>.pt, metrics.csv
