@@ -762,14 +762,14 @@ def fit(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tenso
 #   * a checkpoint on disk is never torn: files are written aside, fsynced, then renamed into place;
 #   * bad input and bad files end in one clear line (UserError), with nothing on disk changed;
 #   * the same command on the same machine computes the same numbers, however busy the machine is.
-# The sections, in the order a run meets them:
+# The sections, in file order:
 #   6  TrainConfig, the flags made from it, and torchrun's processes joined (choose_device)
 #   7  Data, held whole on the device, and BatchOrder, the order of its batches (saved)
 #   8  checkpoints: what they hold (STATE_KEYS), atomic writes, verified reads, the resume guard
 #   9  the out-dir lock, the signal handler (StopOnSignal), metrics.csv
 #   10 the loop: Trainer (the state and one step), train() and _train_loop, benchmark()
 #   11 cli(), which runs a script's main() and turns every outcome into one line and an exit status
-#   12 sampling while training: progress lines, the stop, the loss plot
+#   12 drawing samples, during training and after: progress lines, the stop, the loss plot
 #   13 the image experiments shared by train_mnist.py and train_cifar.py
 # A first reading: Trainer.step, then _train_loop, then STATE_KEYS and load_checkpoint.
 import argparse
@@ -821,8 +821,9 @@ if BIND_THREADS:  # a child process (torchrun's, a notebook's command) decides i
 # A run's settings are one dataclass, the single source of truth. Its fields are the command line's flags (each
 # field's trailing comment is its --help text), check() refuses an impossible value before anything is created, and
 # the whole config goes into every checkpoint, so that `--resume` alone continues a run with the settings it started
-# with. A problem the user can fix is a UserError: one line on stderr, exit status 1, no traceback; any other
-# exception is a bug, and keeps its traceback.
+# with. A problem the user can fix is a UserError: one line on stderr, exit status 1, no traceback. So is a failed
+# write (OSError); a stop by a signal has exit statuses of its own (cli); any other exception is a bug, and keeps
+# its traceback.
 
 
 class UserError(Exception):
@@ -1160,9 +1161,9 @@ class BatchOrder:
 # reads that changes while it runs. Miss one piece and a resumed run drifts from an unbroken one. Each name below is
 # saved, restored and required under that one name (Trainer.inventory).
 # Writing: save_checkpoint → atomic_write (a temporary file, fsync, rename over, fsync of the folder). Reading:
-# newest_checkpoint → load_checkpoint (weights_only, then format, version, keys and checksum), falling back to an older
-# file when the newest is damaged. A run reads its checkpoint's weights once (train() or load_for_sampling);
-# saved_settings, for the flags a command line left out, maps the file and reads only its header.
+# newest_checkpoint → load_checkpoint (a zip archive at all?, weights_only, then format, version, keys and checksum),
+# falling back to an older file when the newest is damaged. A run reads its checkpoint's weights once (train() or
+# load_for_sampling); saved_settings, for the flags a command line left out, maps the file and reads only its header.
 STATE_KEYS = (
     "model",        # the weights θ
     "ema",          # the moving average that samples come from
@@ -1455,8 +1456,9 @@ class OutDirLock:
             return None if holder == f"pid {os.getpid()} on {socket.gethostname()}" else holder
 
     def __enter__(self):
-        """Takes the lock, or raises UserError naming the process that holds it; then writes this process's pid and
-        host into the file, for the messages of the runs it keeps out."""
+        """Takes the lock, or raises UserError naming the process that holds it, then writes this process's pid and
+        host into the file, for the messages of the runs it keeps out. Where there is no locking: a warning, no
+        guard."""
         try:
             file = open(self.path, "a+")
         except OSError as e:
@@ -1593,7 +1595,8 @@ class MetricsLog:
 
 def resume_command() -> str:
     """The command that continues this run: the same command line with --resume (and without --overwrite), quoted
-    so that a user or a cluster's requeue script can paste it as it is."""
+    so that a user or a cluster's requeue script can paste it as it is. Under torchrun the launcher's own options
+    (nodes, processes, rendezvous) are not known here: the command names them, for the user to fill in."""
     if not sys.argv or not sys.argv[0].endswith(".py"):
         return "call train() again with resume=True in the config"
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume", "--overwrite", "--no-overwrite")]
@@ -1608,7 +1611,7 @@ def resume_command() -> str:
 # the log, a picture, a checkpoint, the stop, numbered there; Trainer.step's own stages are numbered too. Everything
 # a step reads that changes from one step to the next is an entry of Trainer.inventory(), saved and restored under
 # its name in STATE_KEYS: that is what makes a resume exact. FastPath decides once how the step computes (bf16,
-# memory layout, fused AdamW), from the flags and the hardware alone.
+# memory layout, fused AdamW), from the flags, the hardware and whether the data are images.
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 in hardware: a CUDA GPU of compute capability 8.0 or more (Ampere and
@@ -1998,9 +2001,10 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
 # ----------------------------------------------------------------------------------------------------------------------
 # 11. The command line's runner: one line per problem, an exit status per outcome
 # ----------------------------------------------------------------------------------------------------------------------
-# The scripts end with sys.exit(cli(Config, main)). cli turns every outcome into an exit status and at most one line,
-# so that a shell or a cluster's requeue script can tell "done" (0) from "fix the command" (1, 2) from "stopped with
-# a checkpoint: run me again with --resume" (130, 143).
+# The scripts end with sys.exit(cli(Config, main)). cli turns every expected outcome into an exit status and a short
+# message (one line; two for a stop: where the checkpoint is, and the command that resumes it), so that a shell or a
+# cluster's requeue script can tell "done" (0) from "fix the command" (1, 2) from "stopped with a checkpoint: run me
+# again with --resume" (130, 143). A bug keeps its traceback.
 
 EXIT_STATUS = """exit status: 0 done; 1 a problem the printed line explains (nothing was changed); 2 a malformed
 command line; 130 (Ctrl-C) or 143 (SIGTERM): stopped, with a checkpoint to resume from."""
@@ -2227,8 +2231,9 @@ def plot_loss(out_dir) -> None:
 # 13. Image experiments: the shared body of train_mnist.py and train_cifar.py
 # ----------------------------------------------------------------------------------------------------------------------
 # MNIST and CIFAR-10 differ only in their loader and defaults; run_images is the main() of both. Its order: the
-# refusals first (a wrong --label, a dump folder in use, a bad --resume or --overwrite), then the data, the model and
-# training, then the pictures, the bound and the dump, so that a mistake in a command line never costs a training run.
+# refusals that need no data first (a --dump-dir that is not empty, a bad --resume or --overwrite), then the data and
+# the refusals that need it (a --label not among its classes, an --image-size the U-Net cannot take), then training,
+# then the pictures, the bound and the dump, so that a mistake in a command line never costs a training run.
 
 @dataclass
 class ImageConfig(TrainConfig):
@@ -2335,7 +2340,8 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str, train: b
                             f"network, put {offline_files} and rerun, or train on your own images with --data "
                             f"FOLDER") from None
 
-    dataset = on_rank_0(fetch) or fetch()  # under torchrun, process 0 downloads while the others wait, then find it
+    dataset = on_rank_0(fetch)  # under torchrun, process 0 downloads while the others wait; they then find the files
+    dataset = fetch() if dataset is None else dataset
     print(f"data: {len(dataset):,} {dataset_cls.__name__} {'training' if train else 'test'} images from {cfg.data_dir}")
     return dataset
 

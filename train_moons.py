@@ -40,7 +40,7 @@ class MoonsConfig(ddpm.TrainConfig):
     out_dir: str = "runs/moons"     # folder for the checkpoint, metrics.csv, samples and pictures
     num_timesteps: int = 100        # T, the number of noise levels; 100: 2-D points need far fewer than images
     schedule: str = "cosine"        # noise schedule; cosine trains twice as much at the low noise that sharpens arcs
-    steps: int = 1800               # optimizer steps to train for; 1,800 draws both moons sharply in ~20 s
+    steps: int = 1800               # optimizer steps to train for; 1,800 draws both moons sharply in 20-50 s
     batch_size: int = 512           # points per step; large batches cost little here and steady the updates
     lr: float = 2e-3                # AdamW learning rate after the warm-up; a small MLP takes far more than a U-Net
     warmup: int = 100               # steps over which the learning rate rises to --lr; short, for a short run
@@ -202,13 +202,13 @@ def save_reverse_gif(trajectory: torch.Tensor, path: Path, frames: int = 40) -> 
         fig.canvas.restore_region(background)
         dots.set_offsets(trajectory[i].numpy())
         title.set_text(f"reverse process: step {i} of {len(trajectory) - 1}")
-        ax.draw_artist(dots)
-        ax.draw_artist(title)
+        for artist in (dots, *ax.spines.values(), title):  # the frame's lines over the dots, as in a full draw
+            ax.draw_artist(artist)
         images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
     plt.close(fig)
     # One palette of 32 colours for all frames (a plot has few), without dithering: 8× faster to encode than a
     # palette searched for each frame, and it does not flicker.
-    palette = images[-1].quantize(colors=32)
+    palette = images[-1].quantize(colors=32)  # its white comes out as 251 to 253 of 255: not to be seen
     images = [image.quantize(palette=palette, dither=Image.Dither.NONE) for image in images]
     durations = [80] * (len(images) - 1) + [1500]  # hold the final frame
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
