@@ -768,7 +768,7 @@ def fit(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tenso
 #   8  checkpoints: what they hold (STATE_KEYS), atomic writes, verified reads, the resume guard
 #   9  the out-dir lock, the signal handler (StopOnSignal), metrics.csv
 #   10 the loop: Trainer (the state and one step), train() and _train_loop, benchmark()
-#   11 cli(), which runs a script's main() and turns every outcome into one line and an exit status
+#   11 cli(), which runs a script's main() and turns every outcome into a short message and an exit status
 #   12 drawing samples, during training and after: progress lines, the stop, the loss plot
 #   13 the image experiments shared by train_mnist.py and train_cifar.py
 # A first reading: Trainer.step, then _train_loop, then STATE_KEYS and load_checkpoint.
@@ -1161,7 +1161,7 @@ class BatchOrder:
 # reads that changes while it runs. Miss one piece and a resumed run drifts from an unbroken one. Each name below is
 # saved, restored and required under that one name (Trainer.inventory).
 # Writing: save_checkpoint → atomic_write (a temporary file, fsync, rename over, fsync of the folder). Reading:
-# newest_checkpoint → load_checkpoint (a zip archive at all?, weights_only, then format, version, keys and checksum),
+# newest_checkpoint → load_checkpoint (a zip archive, read weights_only, then format, version, keys and checksum),
 # falling back to an older file when the newest is damaged. A run reads its checkpoint's weights once (train() or
 # load_for_sampling); saved_settings, for the flags a command line left out, maps the file and reads only its header.
 STATE_KEYS = (
@@ -1181,7 +1181,7 @@ CKPT_FORMAT, CKPT_VERSION = "diffusionlab-checkpoint", 2
 #    "model": {"time_mlp.0.weight": tensor, …}, "ema": {…the same names}, "optimizer": {"state": …, "param_groups": …},
 #    "data_order": {"generator": tensor, "perm": tensor, "pos": 21600}, "rng": {"torch": tensor, "cuda": None, …},
 #    "loop": {"step": 1800, "loss_sum": 19.33, "loss_count": 50, "bad_streak": 0, "skipped": 0},
-#    "checksum": "9f2c…" (SHA-256 of all the rest)}
+#    "checksum": "<64 hex digits>" (SHA-256 of all the rest)}
 
 
 def fsync_dir(folder: Path) -> None:
@@ -1642,7 +1642,8 @@ class FastPath:
         (one thread, the MNIST U-Net, batch 64, img/s): fp32 71, bf16 149; NHWC 82 in fp32 but 96 in bf16, so on a
         CPU NHWC goes with fp32 only (GPU tensor cores want it under bf16); fused AdamW 2-3 % faster. The MLP of
         the moons stays float32: its points need more than bf16's 8 bits of mantissa, and it is fast already."""
-        amp = torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and images and native_bf16(device)) else None
+        bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and images and native_bf16(device))
+        amp = torch.bfloat16 if bf16 else None
         return cls(amp=amp, channels_last=images and (device.type == "cuda" or amp is None),
                    fused_adam=device.type in ("cuda", "cpu"))
 
@@ -1712,8 +1713,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConfig, device: torch.device):
         """Builds the run from fresh seeds: the model on the device in its memory layout (wrapped in DDP under
-        torchrun), the EMA, AdamW, the batch order, the generators and the counters. restore() then overwrites
-        every piece of it from a checkpoint."""
+        torchrun), the EMA, AdamW, the batch order, the generators and the counters. On a resume, restore() then
+        overwrites every piece of it from a checkpoint."""
         self.rank, self.world = process_rank()
         torch.manual_seed(cfg.seed + self.rank * 2**32)  # t and ε: process r's own stream; process 0's as ever
         self.cfg, self.device, self.lr = cfg, device, 0.0
