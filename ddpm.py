@@ -946,6 +946,7 @@ class TrainConfig:
                 raise UserError(message)
 
 
+@functools.cache  # finding a class's source parses its whole file: a tenth of a second or more, once per class
 def config_help(cls) -> dict:
     """{field: help} read from the comment after each field in the class source (subclasses override)."""
     helps = {}

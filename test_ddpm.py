@@ -1023,7 +1023,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     land inside checkpoint writes), resuming the run each time, then let it finish: the final model and EMA
     tensors equal an uninterrupted run's bit for bit, and metrics.csv holds every logged step exactly once, with
     the same losses."""
-    steps = 1200
+    steps = 600
     assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tmp_path / "ref", steps)[2:]) == 0
     out, rng = tmp_path / "killed", random.Random(0)
     for target in sorted(rng.sample(range(10, steps - 200, 10), 3)):
@@ -1866,6 +1866,33 @@ def run_torchrun(args, nproc=2, *extra):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def start_processes(args, logs: Path, nproc=2):
+    """The `nproc` processes of a script that torchrun would start, started directly (torchrun's launcher, which
+    costs a process of its own, is tested above): process r is told RANK r, WORLD_SIZE and LOCAL_RANK, and where
+    process 0 listens (MASTER_ADDR, MASTER_PORT), as torchrun tells it. Its stdout and stderr go to
+    logs/<r>.out and logs/<r>.err. Returns the processes, process 0 first."""
+    import socket
+    with socket.socket() as s:  # a free port for process 0 to listen on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        with open(logs / f"{rank}.out", "w") as out, open(logs / f"{rank}.err", "w") as err:
+            procs.append(subprocess.Popen(args, stdout=out, stderr=err, cwd=HERE, env=env))
+    return procs
+
+
+def run_processes(args, logs: Path, nproc=2, timeout=120) -> list[tuple[int, str, str]]:
+    """start_processes, waited for: (exit status, stdout, stderr) of each process, process 0 first."""
+    procs = start_processes(args, logs, nproc)
+    return [(p.wait(timeout=timeout), (logs / f"{r}.out").read_text(), (logs / f"{r}.err").read_text())
+            for r, p in enumerate(procs)]
+
+
 def test_torchrun_trains_stops_on_sigterm_resumes_bit_exact_and_one_process_samples(tmp_path):
     """Two processes under torchrun train the moons: process 0 alone prints (one device line, which says how many
     processes share each batch, and each log line once) and writes checkpoints of plain weights (no DDP `module.`
@@ -1873,23 +1900,25 @@ def test_torchrun_trains_stops_on_sigterm_resumes_bit_exact_and_one_process_samp
     both processes) stops both after the same step: process 0 writes the checkpoint of that step and says so once.
     Resumed with two processes, the run ends with the same model and EMA tensors, bit for bit, and the same metrics
     rows, as a two-process run that never stopped; then a single process samples from it."""
-    steps = 100
-    reference = run_torchrun(moons_args(tmp_path / "ref", steps))
-    assert reference.returncode == 0, reference.stdout + reference.stderr
-    assert reference.stdout.count("device: cpu") == 1 and reference.stdout.count(f"step {steps}/{steps}") == 1
-    assert "device: cpu; 2 processes under torchrun, each with 50% of every batch" in reference.stdout
-    state = ddpm.load_checkpoint(newest(tmp_path / "ref"))
-    assert state["step"] == steps and not any(k.startswith("module.") for k in state["model"])
-    assert len(state["rng"]["other_ranks"]) == 1
-    assert not torch.equal(state["rng"]["torch"], state["rng"]["other_ranks"][0]["torch"])
+    steps, env = 100, {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.Popen(torchrun(moons_args(tmp_path / "ref", steps)), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)  # beside the run stopped below
     out = tmp_path / "stopped"
     proc = subprocess.Popen(torchrun(moons_args(out, steps)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, cwd=HERE, env=env)
     for line in proc.stdout:
         if line.startswith("step 10/"):
             break
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
+    printed, errors = reference.communicate(timeout=120)
+    assert reference.returncode == 0, printed + errors
+    assert printed.count("device: cpu") == 1 and printed.count(f"step {steps}/{steps}") == 1
+    assert "device: cpu; 2 processes under torchrun, each with 50% of every batch" in printed
+    state = ddpm.load_checkpoint(newest(tmp_path / "ref"))
+    assert state["step"] == steps and not any(k.startswith("module.") for k in state["model"])
+    assert len(state["rng"]["other_ranks"]) == 1
+    assert not torch.equal(state["rng"]["torch"], state["rng"]["other_ranks"][0]["torch"])
     stopped = ddpm.load_checkpoint(newest(out))["step"]
     assert 10 <= stopped < steps and output.count(f"stopped by SIGTERM at step {stopped}/{steps}") == 1, output
     assert not list(out.glob(".*tmp*"))
@@ -1941,8 +1970,8 @@ def test_ddp_gradient_of_two_half_batches_equals_the_whole_batch_gradient(tmp_pa
     alone, what a process without the averaging would use, is far outside that."""
     script = tmp_path / "gradient_worker.py"
     script.write_text(GRADIENT_WORKER.format(here=str(HERE), out=str(tmp_path)))
-    run = run_torchrun([sys.executable, str(script)])
-    assert run.returncode == 0, run.stdout + run.stderr
+    for status, printed, errors in run_processes([sys.executable, str(script)], tmp_path / "logs"):
+        assert status == 0, printed + errors
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for name in ranks[0]["grads"]:
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
@@ -1989,45 +2018,29 @@ def test_dump_samples_are_the_same_images_with_one_and_two_processes(tmp_path):
     assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, train) == 0
     dump = ["--out-dir", str(out), "--sample-only", "--dump-samples", "5", "--dump-dir"]
     assert ddpm.cli(train_cifar.CifarConfig, train_cifar.main, dump + [str(tmp_path / "one")]) == 0
-    two = run_torchrun([sys.executable, str(HERE / "train_cifar.py"), *dump, str(tmp_path / "two")])
-    assert two.returncode == 0, two.stdout + two.stderr
-    assert two.stdout.count(f"wrote 5 samples to {tmp_path / 'two'}") == 1
+    two = run_processes([sys.executable, str(HERE / "train_cifar.py"), *dump, str(tmp_path / "two")],
+                        tmp_path / "logs")
+    assert [status for status, _, _ in two] == [0, 0], two
+    assert two[0][1].count(f"wrote 5 samples to {tmp_path / 'two'}") == 1  # process 0's stdout alone
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert len(names) == 5 and names == sorted(p.name for p in (tmp_path / "two").iterdir())
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
-def worker_pids(parent: int) -> dict:
-    """{RANK: pid} of the worker processes torchrun (pid `parent`) started, read from /proc (Linux)."""
-    pids = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                env = (stat.parent / "environ").read_bytes().split(b"\0")
-                pids[int(next(v for v in env if v.startswith(b"RANK="))[5:])] = int(stat.parent.name)
-        except (OSError, StopIteration, IndexError, ValueError):  # a process that ended meanwhile
-            continue
-    return pids
-
-
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker processes through /proc")
 def test_a_killed_process_stops_the_other_at_once_with_one_line(tmp_path):
     """SIGKILL process 0 of a two-process run: process 1 exits within seconds (well inside 60 s, not after a
     collective timeout), its whole stderr one line that says what happened, no traceback; the last checkpoint
     is intact."""
     out, logs = tmp_path / "run", tmp_path / "logs"
-    proc = subprocess.Popen(torchrun(moons_args(out, 10**6), 2, "--log-dir", str(logs), "--redirects", "3"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first, other = start_processes(moons_args(out, 10**6), logs)
     deadline = time.monotonic() + 120
     while not ddpm.find_checkpoints(out) and time.monotonic() < deadline:  # training, past its first checkpoint
         time.sleep(0.2)
-    os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+    first.kill()
     killed = time.monotonic()
-    proc.communicate(timeout=60)
-    assert time.monotonic() - killed < 60
-    err = next(logs.glob("*/attempt_0/1/stderr.log")).read_text()
+    assert other.wait(timeout=60) == 1 and time.monotonic() - killed < 60
+    err = (logs / "1.err").read_text()
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("error: lost contact with another torchrun process, which stopped or crashed"), err
     assert f"the checkpoints in {out} are intact: resume with --resume" in err
@@ -2046,12 +2059,9 @@ def test_torchrun_refusals_reach_every_process(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     (tmp_path / "held").mkdir()
     with ddpm.OutDirLock(tmp_path / "held"):
-        held = run_torchrun(moons_args(tmp_path / "held", 20), 2, "--log-dir", str(tmp_path / "logs"),
-                            "--redirects", "3")
-    assert held.returncode != 0
-    for rank in (0, 1):
-        err = next((tmp_path / "logs").glob(f"*/attempt_0/{rank}/stderr.log")).read_text()
-        assert err.count("\n") == 1 and "is in use by another training run" in err, err
+        held = run_processes(moons_args(tmp_path / "held", 20), tmp_path / "logs")
+    for status, _, err in held:
+        assert status == 1 and err.count("\n") == 1 and "is in use by another training run" in err, err
     assert not ddpm.find_checkpoints(tmp_path / "held")
 
 
