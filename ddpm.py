@@ -777,6 +777,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import gc
 import hashlib
 import inspect
 import os
@@ -1216,7 +1217,8 @@ def atomic_write(path: Path, write: Callable) -> None:
 
 @contextlib.contextmanager
 def disk_errors(what, *also):
-    """Turns a failed write of `what` (a full disk, a folder without permission) into a one-line UserError."""
+    """Turns a failed write of `what` (a full disk, a folder without permission) into a one-line UserError. also:
+    the exception types a library raises for such a failure besides OSError (torch.save: RuntimeError)."""
     try:
         yield
     except (OSError, *also) as e:
@@ -1687,6 +1689,7 @@ class GlobalRNG:
         return state
 
     def load_state_dict(self, states: dict) -> None:
+        """Each process takes the states it saved itself; a CUDA or MPS state only onto a device of that kind."""
         states = [states, *states.get("other_ranks", [])]  # process r takes what process r saved
         if self.rank >= len(states):  # a process the saving run lacked keeps its fresh seed: valid, but not exact
             return
@@ -1821,7 +1824,9 @@ def use_threads(cfg: TrainConfig, state: dict | None = None) -> TrainConfig:
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
-    """Refuses --resume without a checkpoint, and a fresh start over one without --overwrite (so no run is lost)."""
+    """Refuses --resume without a checkpoint, and a fresh start over one without --overwrite (so no run is lost).
+    A fresh start over a checkpoint hears first what matters most: that a run is going on there, then that the
+    folder holds another script's run, and only then that it should add --resume or --overwrite."""
     found = find_checkpoints(cfg.out_dir)
     if cfg.resume and not found:
         newest_checkpoint(cfg)  # raises the one "no checkpoint" error
@@ -2038,7 +2043,9 @@ class SurvivingStdout:
 
 def abort_on_signal(signum, frame):
     """SIGTERM outside train() (loading, the final pictures, --sample-only): stop at once, as Ctrl-C does, with
-    the line that says what is left (train() has a handler of its own, which saves first)."""
+    the line that says what is left (train() has a handler of its own, which saves first). Python leaves SIGTERM
+    to the operating system, which ends the process on the spot: no finally block runs and nothing is said.
+    Raised as an exception, as Ctrl-C is, it unwinds like one and ends in one line."""
     raise AbortedBySignal(signum)
 
 
@@ -2055,6 +2062,7 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         return e.code if isinstance(e.code, int) else 2
     cfg = config_cls(**given)
     sys.stdout = sys.stdout if isinstance(sys.stdout, SurvivingStdout) else SurvivingStdout(sys.stdout)
+    script = runs_as_script(main)
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     previous_term = signal.signal(signal.SIGTERM, abort_on_signal) if main_thread else None
     # Everything the user can fix arrives here as a UserError with one line; only a bug leaves a traceback.
@@ -2086,13 +2094,11 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         if process_rank()[0] == 0:  # under torchrun all processes stopped together; process 0 speaks for all
             print(e, file=sys.stderr)
-        for s, handler in previous.items() if getattr(main, "__module__", "") != "__main__" else ():
+        for s, handler in previous.items() if not script else ():
             signal.signal(s, handler)
         return e.exit_code
     except KeyboardInterrupt as e:  # a signal before the first step, a third one during training, or Ctrl-C outside
-        print(f"stopped by {e} before the first training step: nothing was trained, so nothing was lost"
-              + ("" if not find_checkpoints(cfg.out_dir) else f"; {saved_progress(cfg)}")
-              if getattr(e, "before_training", False) else f"aborted; {saved_progress(cfg)}", file=sys.stderr)
+        print(aborted(e, cfg), file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     finally:  # on every way out: a group left to the interpreter's exit can abort it ("terminate called …")
         if main_thread:
@@ -2100,16 +2106,33 @@ def cli(config_cls, main: Callable, argv=None) -> int:
         free_main_thread()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if script:  # the process ends next: its exit need not collect what it leaves (see runs_as_script)
+            gc.freeze()
 
 
-def saved_progress(cfg: TrainConfig) -> str:
-    """What an aborted run leaves: its newest checkpoint, and whether to resume it or sample from it."""
+def runs_as_script(main: Callable) -> bool:
+    """Whether main is defined in the file that `python` runs: its process then ends when cli returns, and cli
+    freezes every object first (gc.freeze), so that the interpreter's exit does not walk all of torch's objects
+    to collect them (a second or so; nothing here needs a finalizer then: the files are closed). A function typed
+    into a notebook or a REPL is in the module __main__ too, but not in its file: there cli gives back the signal
+    handlers it changed and leaves the garbage collector as it was."""
+    code = getattr(main, "__code__", None)
+    return code is not None and code.co_filename == getattr(sys.modules["__main__"], "__file__", None)
+
+
+def aborted(e: KeyboardInterrupt, cfg: TrainConfig) -> str:
+    """The line after a stop that could not save (see cli). Before the first step this call trained nothing; a run
+    it was to resume keeps its checkpoints, which the line names. Otherwise the newest checkpoint is what is left,
+    and the line says whether to resume it or, its training being over, to sample from it."""
+    before = getattr(e, "before_training", False)
+    what = f"stopped by {e} before the first training step: nothing was trained, so nothing was lost" if before \
+        else "aborted"
     try:
         state, path = newest_checkpoint(cfg, header_only=True)
     except UserError:
-        return "no checkpoint was written"
+        return what if before else f"{what}; no checkpoint was written"
     done = state["step"] >= cfg.steps
-    return f"the last checkpoint written, {path}, is intact (" + (
+    return f"{what}; the last checkpoint written, {path}, is intact (" + (
         "training had finished; draw samples with --sample-only)" if done else "resume with --resume)")
 
 

@@ -1011,7 +1011,12 @@ def moons_args(out_dir, steps, *extra):
 
 def start_and_wait_for_training(args, until_step=1):
     """Starts a script and returns it once it has logged a training step ≥ until_step."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    return wait_for_training(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                              cwd=HERE), until_step)
+
+
+def wait_for_training(proc, until_step=1):
+    """proc (a script started with its output in a text pipe), once it has logged a training step ≥ until_step."""
     for line in proc.stdout:
         if line.startswith("step ") and int(line.split()[1].split("/")[0].replace(",", "")) >= until_step:
             return proc
@@ -1051,21 +1056,26 @@ def test_resume_alone_continues_a_moved_run_in_its_new_folder(tmp_path, monkeypa
     assert not (tmp_path / "first").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path, sig):
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_128_plus_signal(tmp_path):
     """Ctrl-C or SIGTERM finishes the step, writes a checkpoint at the step reached, prints the resume command and
-    exits with 128 + the signal number (130, 143); resuming from there finishes the run."""
-    proc = start_and_wait_for_training(moons_args(tmp_path, 10**6))
-    proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig, output
-    step = ddpm.load_checkpoint(newest(tmp_path))["step"]
-    assert f"at step {step}/" in output and f"checkpoint saved to {tmp_path / f'ckpt_{step:06d}.pt'}" in output
-    assert "resume with: python" in output and output.rstrip().endswith("--resume")
-    assert 0 < step < 10**6 and int(metric_rows(tmp_path)[-1][0]) <= step
-    only = ["--out-dir", str(tmp_path), "--steps", str(step + 30), "--resume"]  # the other settings from the run
-    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, only) == 0
-    assert ddpm.load_checkpoint(newest(tmp_path))["step"] == step + 30
+    exits with 128 + the signal number (130, 143); resuming from there finishes the run. One run for each signal,
+    the two side by side."""
+    procs = {sig: subprocess.Popen(moons_args(tmp_path / sig.name, 10**6), stdout=subprocess.PIPE, text=True,
+                                   stderr=subprocess.STDOUT, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for sig in (signal.SIGINT, signal.SIGTERM)}  # a thread each: they share the machine
+    for sig, proc in procs.items():
+        wait_for_training(proc).send_signal(sig)
+    for sig, proc in procs.items():
+        out = tmp_path / sig.name
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, output
+        step = ddpm.load_checkpoint(newest(out))["step"]
+        assert f"at step {step}/" in output and f"checkpoint saved to {out / f'ckpt_{step:06d}.pt'}" in output
+        assert "resume with: python" in output and output.rstrip().endswith("--resume")
+        assert 0 < step < 10**6 and int(metric_rows(out)[-1][0]) <= step
+        only = ["--out-dir", str(out), "--steps", str(step + 30), "--resume"]  # the other settings from the run
+        assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, only) == 0
+        assert ddpm.load_checkpoint(newest(out))["step"] == step + 30
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -2094,42 +2104,49 @@ def test_absurd_values_and_abbreviated_flags_are_refused(tmp_path, capsys):
     assert not out.exists()
 
 
-def start_and_wait_for_text(args, text):
-    """Starts a script and returns (process, output so far) once its output holds `text` (progress lines end in
-    a carriage return, not a newline, so the output is read as it comes, not line by line)."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE,
+def start_script(args):
+    """A script started with one thread and its output unbuffered, in one binary pipe."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=HERE,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_text(proc, text):
+    """The output of proc (started by start_script) so far, once it holds `text` (progress lines end in a carriage
+    return, not a newline, so the output is read as it comes, not line by line)."""
     seen = b""
     while text.encode() not in seen:
         chunk = os.read(proc.stdout.fileno(), 4096)
         if not chunk:
             raise AssertionError(f"the run ended before printing {text!r}: {seen.decode()}")
         seen += chunk
-    return proc, seen.decode()
+    return seen.decode()
 
 
-@pytest.mark.parametrize("signals", [1, 2])
-def test_ctrl_c_while_a_grid_is_drawn_stops_within_a_sampling_step_and_saves(tmp_path, signals):
+def test_ctrl_c_while_a_grid_is_drawn_stops_within_a_sampling_step_and_saves(tmp_path):
     """SIGINT to a real process while it draws a class grid (ancestral sampling, T = 1000, tens of seconds here)
     abandons the picture within about one sampling step, writes the checkpoint of the step reached and exits 130
     within seconds; a second SIGINT right after the first does not discard those steps either (it is told to wait
-    for the save)."""
+    for the save). Two runs side by side, one sent one SIGINT, the other two."""
     folder = make_image_folder(tmp_path / "images")
-    args = [sys.executable, str(HERE / "train_mnist.py"), "--data", str(folder), "--out-dir", str(tmp_path / "run"),
-            "--model", "tiny", "--image-size", "16", "--batch-size", "4", "--num-timesteps", "1000",
-            "--sampler", "ddpm", "--num-samples", "60", "--steps", "100", "--sample-every", "2", "--ckpt-every",
-            "1000", "--log-every", "1", "--device", "cpu"]
-    proc, _ = start_and_wait_for_text(args, "step 2: drawing")
+    args = [sys.executable, str(HERE / "train_mnist.py"), "--data", str(folder), "--model", "tiny", "--image-size",
+            "16", "--batch-size", "4", "--num-timesteps", "1000", "--sampler", "ddpm", "--num-samples", "60",
+            "--steps", "100", "--sample-every", "2", "--ckpt-every", "1000", "--log-every", "1", "--device", "cpu"]
+    procs = {signals: start_script([*args, "--out-dir", str(tmp_path / f"{signals}")]) for signals in (1, 2)}
+    for proc in procs.values():
+        wait_for_text(proc, "step 2: drawing")
     tic = time.perf_counter()
-    for _ in range(signals):
-        proc.send_signal(signal.SIGINT)
+    for repeat in range(2):
+        for signals, proc in procs.items():
+            if repeat < signals:
+                proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
-    output = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 130, output
-    assert time.perf_counter() - tic < 10, output  # drawing the whole grid takes several times longer
-    assert "picture abandoned" in output and "stopped by SIGINT at step 2/100" in output, output
-    assert ddpm.load_checkpoint(newest(tmp_path / "run"))["step"] == 2
-    assert not (tmp_path / "run" / "samples" / "step_000002.png").exists()
+    for signals, proc in procs.items():
+        output = proc.communicate(timeout=120)[0].decode()
+        assert proc.returncode == 130, output
+        assert time.perf_counter() - tic < 10, output  # drawing the whole grid takes several times longer
+        assert "picture abandoned" in output and "stopped by SIGINT at step 2/100" in output, output
+        assert ddpm.load_checkpoint(newest(tmp_path / f"{signals}"))["step"] == 2
+        assert not (tmp_path / f"{signals}" / "samples" / "step_000002.png").exists()
 
 
 def test_a_signal_before_the_first_step_stops_at_once(tmp_path, monkeypatch, capsys):
@@ -2150,6 +2167,31 @@ def test_a_signal_before_the_first_step_stops_at_once(tmp_path, monkeypatch, cap
     assert "before the first training step: nothing was trained" in capsys.readouterr().err
     assert not ddpm.find_checkpoints(tmp_path)
     assert_lock_released(tmp_path)
+    # A resume stopped the same way leaves the run it was to continue as it was, and says so.
+    monkeypatch.setattr(ddpm.Trainer, "__init__", real_init)
+    tiny = tmp_path / "resumed"
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tiny, 20)[2:]) == 0
+    saved = ddpm.find_checkpoints(tiny)
+    monkeypatch.setattr(ddpm.Trainer, "__init__", slow_setup)
+    capsys.readouterr()
+    assert ddpm.cli(train_moons.MoonsConfig, train_moons.main, moons_args(tiny, 40, "--resume")[2:]) == 130
+    err = capsys.readouterr().err
+    assert f"nothing was lost; the last checkpoint written, {saved[-1]}, is intact (resume with --resume)" in err
+    assert ddpm.find_checkpoints(tiny) == saved and ddpm.load_checkpoint(saved[-1])["step"] == 20
+
+
+def test_cli_knows_a_script_from_a_notebook(monkeypatch):
+    """cli treats main as a script's (its process ends on return: freeze the heap, keep the ignored signals) only when
+    main is defined in the file `python` runs; a function typed into a notebook is in module __main__ but no file."""
+    main_module = sys.modules["__main__"]
+    assert not ddpm.runs_as_script(train_moons.main)  # pytest's __main__ is not train_moons.py
+    monkeypatch.setattr(main_module, "__file__", train_moons.__file__, raising=False)
+    assert ddpm.runs_as_script(train_moons.main)
+    typed = {"__name__": "__main__"}
+    exec(compile("def main(cfg):\n    return cfg\n", "<ipython-input-1>", "exec"), typed)
+    assert typed["main"].__module__ == "__main__" and not ddpm.runs_as_script(typed["main"])
+    monkeypatch.delattr(main_module, "__file__")  # a REPL's __main__ has no file
+    assert not ddpm.runs_as_script(typed["main"]) and not ddpm.runs_as_script(train_moons.main)
 
 
 def test_auto_sampler_is_sized_to_the_run_on_a_cpu_and_explicit_flags_win():
