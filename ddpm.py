@@ -912,6 +912,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raises UserError naming the first impossible setting and what to do instead."""
+        # First the rules that the tables above state for many fields (finite, at least, one of), then those of
+        # single settings and of combinations, each with its own message.
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):  # "nan" and "inf" parse as floats
@@ -951,11 +953,12 @@ class TrainConfig:
 def config_help(cls) -> dict:
     """{field: help} read from the comment after each field in the class source (subclasses override)."""
     helps = {}
-    for klass in reversed(cls.__mro__):
+    for klass in reversed(cls.__mro__):  # base classes first: a subclass's text for a field it redefines wins
         try:
             source = inspect.getsource(klass) if dataclasses.is_dataclass(klass) else ""
         except (OSError, TypeError):  # no source (e.g. a class typed into a REPL): no help texts
             continue
+        # A field's line, `name: type = default  # help`: the help is what follows the default's "#".
         helps.update(re.findall(r"^ +(\w+): [^=\n]+=[^#\n]+# (.+)$", source, flags=re.M))
     return helps
 
@@ -982,7 +985,7 @@ def parse_given(cls, argv=None, epilog: str | None = None) -> dict:
     helps = config_help(cls)
     for f in fields(cls):
         text = helps.get(f.name, f.name).replace("%", "%%")  # argparse %-formats help texts: "40 %" would break it
-        if "(default" not in text:
+        if "(default" not in text:  # a text that states its default keeps its own words
             text += f" (default: {f.default if f.default != '' else 'none'})"
         if isinstance(f.default, bool):  # a bool is never parsed from text (bool("False") is True)
             parser.add_argument(flag(f.name), help=text, action=argparse.BooleanOptionalAction)
@@ -1005,6 +1008,14 @@ def parse_config(cls, argv=None):
 # torchrun tells each copy its RANK (0 … WORLD_SIZE − 1 over all machines) and LOCAL_RANK (its GPU on its machine).
 # Each holds the whole model and trains on its share of every batch; DistributedDataParallel (DDP) averages their
 # gradients in backward(), so all take the same step. Process 0 alone prints and writes. Without torchrun: unchanged.
+# Where torchrun changes anything, in the order a run meets it:
+#   choose_device    joins the processes (the one place); the others' stdout goes to /dev/null, their stderr stays
+#   on_rank_0        process 0 claims the folder, reads, downloads; its UserError ends every process
+#   Trainer          the model wrapped in DDP; process r's own t and ε (seed + r·2³²); slice r of every batch
+#   Trainer.step     one all-reduce: the mean loss, the gradient norm, and who got a signal, so that all agree
+#   GlobalRNG        every process's generators in the checkpoint, which process 0 alone writes
+#   run_images       --dump-samples dealt out by chunks (ImageSampler.dump); pictures and the bound on process 0
+#   cli              a barrier before leaving; a dead peer ends the others with one line
 
 def world_size() -> int:
     """The number of processes torchrun started (1 without torchrun)."""
@@ -1024,6 +1035,8 @@ def on_rank_0(fn: Callable):
     except UserError as e:
         result, error = None, e
     if process_rank()[1] > 1:
+        # The verdict travels as the error's text (None: no error), the one line cli prints: every process then
+        # ends with the same message and status, and none waits for a result that is not coming.
         verdict = [error and str(error)]
         dist.broadcast_object_list(verdict, src=0)
         error = error or (verdict[0] and UserError(verdict[0]))
@@ -1050,7 +1063,7 @@ def choose_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name}: not available on this machine; use --device auto or --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    if world_size() > 1 and not dist.is_initialized():
+    if world_size() > 1 and not dist.is_initialized():  # once per process, whatever name a later call gives
         if device.type == "cuda":
             local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
             if local >= gpus:  # one process per GPU
@@ -1070,6 +1083,8 @@ def choose_device(name: str = "auto") -> torch.device:
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + (f"; {world} processes under torchrun, each with {1 / world:.0%} of every batch" if world > 1 else ""))
     return device
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. Data and the order of batches
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1166,6 +1181,15 @@ class BatchOrder:
 # newest_checkpoint → load_checkpoint (a zip archive, read weights_only, then format, version, keys and checksum),
 # falling back to an older file when the newest is damaged. A run reads its checkpoint's weights once (train() or
 # load_for_sampling); saved_settings, for the flags a command line left out, maps the file and reads only its header.
+# What can go wrong with the files, and what answers it:
+#   a write killed halfway (SIGKILL, power cut)   atomic_write: the old file or the whole new one, never half of it
+#   a file cut short, or a bit flipped inside     the unzip fails, or state_checksum differs: the file is unusable
+#   a file that carries pickled code              weights_only=True refuses it before any of it runs
+#   the newest file unusable                      newest_checkpoint falls back to an older one; a resume moves the
+#                                                 bad one aside (set_aside_unusable)
+#   a full disk, an unwritable folder             disk_errors: one line; the checkpoints already there are intact
+#   another script's or another model's run       refuse_foreign and guard_resume: one line, nothing loaded
+#   a file of another checkpoint version          load_checkpoint: one line that names both versions
 STATE_KEYS = (
     "model",        # the weights θ
     "ema",          # the moving average that samples come from
@@ -1202,10 +1226,14 @@ def atomic_write(path: Path, write: Callable) -> None:
     write(f) fills a temporary file in the same folder; it is flushed and fsynced, then os.replace renames it over
     `path` (atomic on POSIX and Windows) and the folder is fsynced so that the rename persists.
     """
+    # A hidden name beside the target (the same file system, so the rename is atomic), with the writer's pid: the
+    # leftover of a killed writer never meets the next one's file, and claim_out_dir deletes such leftovers.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
+            # The bytes on the disk first, then the name pointed at them: a rename that reaches the disk before the
+            # data could leave an empty or half-written file under the final name after a power cut.
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1231,6 +1259,9 @@ def state_checksum(state) -> str:
     bits inside tensor data; comparing this does."""
     h = hashlib.sha256()
 
+    # Everything that could change what a load gives goes into the hash: a tensor's dtype and shape before its
+    # bytes (the same bytes read as another dtype are another tensor), dict keys in a fixed order (so the sum does
+    # not depend on insertion order), and brackets around lists (so [[a], b] and [[a, b]] differ).
     def visit(obj):
         if isinstance(obj, torch.Tensor):
             t = obj.detach().cpu().contiguous()
@@ -1406,6 +1437,7 @@ def saved_settings(cfg: TrainConfig, given: dict) -> TrainConfig:
         return cfg
     state, path = newest_checkpoint(cfg, header_only=True)
     refuse_foreign(state, cfg, cfg.out_dir)
+    # Saved fields this config class lacks (a setting of an older ddpm.py) are left out, and PER_CALL ones too.
     names = {f.name for f in fields(cfg)} - cfg.PER_CALL
     saved = {k: v for k, v in state["config"].items() if k in names}
     if saved.get("threads", 0) > (os.cpu_count() or 1):
@@ -1429,6 +1461,13 @@ def load_for_sampling(cfg: TrainConfig) -> dict:
 # other's checkpoints. StopOnSignal: Ctrl-C or a cluster's SIGTERM becomes "finish the step, save, exit 130 or 143"
 # instead of an abort that loses every step since the last checkpoint. MetricsLog: the loss curve agrees with the
 # checkpoints after any number of crashes and resumes.
+# What SIGINT (Ctrl-C) or SIGTERM does, by when it comes:
+#   while the run is set up (before the first step)   stops at once: nothing was trained, so nothing is lost
+#   during training (a step, a log line, a picture)   the step ends (a picture being drawn is abandoned), the
+#                                                     checkpoint of the step reached is written; exit 128 + N
+#   a second one while that checkpoint is written     told to wait (it aborts at once if nothing is unsaved)
+#   a third                                           aborts; the checkpoints written before are intact
+#   outside train() (loading, final pictures)         stops at once (abort_on_signal for SIGTERM, in cli)
 
 class OutDirLock:
     """Keeps a second training process out of an out-dir by holding an exclusive lock on <out_dir>/train.lock.
@@ -1454,8 +1493,10 @@ class OutDirLock:
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):  # anything but "someone else has it"
                 raise
+            # flock belongs to an open file, not to a process: this process's own lock, met again through a
+            # second open (check_out_dir runs once more under the lock), refuses too, and is not another run's.
             file.seek(0)
-            holder = " ".join(file.read().split()) or "starting up"
+            holder = " ".join(file.read().split()) or "starting up"  # empty: taken, its text not yet written
             return None if holder == f"pid {os.getpid()} on {socket.gethostname()}" else holder
 
     def __enter__(self):
@@ -1463,7 +1504,7 @@ class OutDirLock:
         host into the file, for the messages of the runs it keeps out. Where there is no locking: a warning, no
         guard."""
         try:
-            file = open(self.path, "a+")
+            file = open(self.path, "a+")  # created if missing, never truncated: a holder's text stays readable
         except OSError as e:
             raise UserError(f"cannot write into --out-dir {self.path.parent} ({one_line(e)}); "
                             f"choose a writable folder") from None
@@ -1548,6 +1589,8 @@ class StopOnSignal:
         """The handler of both signals: what one means depends on how far the run is (see the class)."""
         if not self.training:
             raise AbortedBySignal(signum, before_training=True)
+        # repeats counts the signals after the first. At 0 the stop is asked for; at 1 the run aborts only if no
+        # step is unsaved, else it is told to wait for the checkpoint; at 2 it aborts.
         name, self.repeats = signal.Signals(signum).name, self.repeats + (self.signum is not None)
         if self.repeats == 0:
             self.signum = signum
@@ -1559,6 +1602,7 @@ class StopOnSignal:
                       f"one step; send it once more to abort and lose them")
 
     def __exit__(self, *exc):
+        # The handlers of before, back: after train() returns, Ctrl-C in a notebook interrupts its cell again.
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         if StopOnSignal.active is self:
@@ -1576,6 +1620,8 @@ class MetricsLog:
     COLUMNS = ("step", "loss", "lr", "img_per_s", "skipped_steps")
 
     def __init__(self, path: Path, start_step: int):
+        # A row is kept if it is whole (all its columns, and its newline: a crash may have cut the last one) and
+        # logs a step the checkpoint covers; the rows after it will be written again by the resumed steps.
         self.path, kept = path, []
         for line in path.read_text().splitlines(keepends=True)[1:] if path.exists() else []:
             values = line.rstrip("\n").split(",")
@@ -1587,6 +1633,7 @@ class MetricsLog:
             atomic_write(path, lambda f: f.write((header + "".join(kept)).encode()))
 
     def append(self, *values) -> None:
+        # Opened for each row and closed again: a crash leaves at most a torn last line, which the next start drops.
         with disk_errors(self.path), open(self.path, "a") as f:
             f.write(",".join(str(v) for v in values) + "\n")
 
@@ -1615,6 +1662,18 @@ def resume_command() -> str:
 # a step reads that changes from one step to the next is an entry of Trainer.inventory(), saved and restored under
 # its name in STATE_KEYS: that is what makes a resume exact. FastPath decides once how the step computes (bf16,
 # memory layout, fused AdamW), from the flags, the hardware and whether the data are images.
+#
+# `python train_moons.py --resume`, call by call:
+#   cli: saved_settings reads the newest checkpoint's header (its tensors only mapped) for the flags not given;
+#        cfg.check() and use_threads(cfg) follow, then the script's main(), which builds the data and the model
+#   train: claim_out_dir on process 0 checks the folder, takes the lock and reads that checkpoint whole, checksum
+#        included (newest_checkpoint); guard_resume compares its settings and data with this run's;
+#        set_aside_unusable moves newer damaged files aside; use_threads(cfg, state) takes the run's thread count
+#   Trainer(...) builds everything freshly seeded, and restore(state) overwrites each entry of the inventory
+#   _train_loop carries on from the saved step: the next batch, noise and learning rate are an unbroken run's.
+# A stop, call by call: SIGINT or SIGTERM reaches StopOnSignal._handle, which sets stop.signum; the step in progress
+# finishes (under torchrun its all-reduce tells every process); _train_loop writes the checkpoint (its stage 4) and
+# raises TrainingInterrupted (stage 5); cli prints where the checkpoint is and the resume command, and returns 128 + N.
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 in hardware: a CUDA GPU of compute capability 8.0 or more (Ampere and
@@ -1664,7 +1723,7 @@ class LoopCounters:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.__init__(**state)
+        self.__init__(**state)  # field by field: a name it does not know fails at once
 
 
 class GlobalRNG:
@@ -1734,6 +1793,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=self.fast.fused_adam)
+        # One seed for the order on every process (unlike t and ε above): under torchrun all draw the same batches.
         self.order = BatchOrder(len(data.x), cfg.batch_size, cfg.seed)
         self.rng, self.counters = GlobalRNG(device), LoopCounters()
         self.model_fn = torch.compile(self.ddp) if cfg.compile else self.ddp  # `model` keeps the plain weights
@@ -1795,7 +1855,7 @@ class Trainer:
             if self.rank == 0:
                 print(f"warning: step {c.step + 1}: loss {loss_value}, gradient norm {norm_value}; update skipped "
                       f"({c.bad_streak} in a row)", file=sys.stderr)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes, not adds
         c.step += 1
         return signum
 
@@ -1815,7 +1875,7 @@ def use_threads(cfg: TrainConfig, state: dict | None = None) -> TrainConfig:
     moons 3.2× slower unbound, 2.4× bound; the MNIST U-Net (README, "Threads on a shared CPU").
     """
     saved = state["config"].get("threads", 0) if state else 0
-    from_env = int((os.environ.get("OMP_NUM_THREADS") or "0").split(",")[0] or 0)
+    from_env = int((os.environ.get("OMP_NUM_THREADS") or "0").split(",")[0] or 0)  # "4,2": a count per nesting level
     threads = cfg.threads or (saved if saved <= len(CPU_MASK) else 0) or from_env or len(CPU_MASK)
     torch.set_num_threads(threads)
     if threads > 1 and BIND_THREADS and hasattr(os, "sched_setaffinity"):
@@ -1856,6 +1916,8 @@ def claim_out_dir(cfg: TrainConfig, data: Data, stack: contextlib.ExitStack) -> 
     check_out_dir(cfg)  # again, now that no other run can change the folder: one may have finished meanwhile
     for leftover in out_dir.glob(".*.tmp-*"):  # halves of files whose writer was killed
         leftover.unlink()
+    # --overwrite deletes the old run only now, under the lock and after every refusal: a refused command, or one
+    # that another run keeps out, deletes nothing.
     if cfg.overwrite:
         for old in find_checkpoints(out_dir) + [out_dir / "metrics.csv"]:
             old.unlink(missing_ok=True)
@@ -1972,10 +2034,11 @@ def benchmark(model: nn.Module, diffusion: Diffusion, data: Data, cfg: TrainConf
     from torch.utils.flop_counter import FlopCounterMode
     device = choose_device(cfg.device)
     trainer = Trainer(model, diffusion, data, cfg, device)
+    # The FLOPs are those of the arithmetic, which torch.compile does not change: one eager step counts them.
     with FlopCounterMode(display=False) as counter:
         x0, y = trainer.data.batch(*(t.to(device) for t in trainer.order.next()))
         train_step(trainer.model, trainer.diffusion, x0, y, cfg.grad_clip, trainer.fast.amp)
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.optimizer.zero_grad(set_to_none=True)  # the counted step took no update; the timed ones start clean
     flops_per_image = counter.get_total_flops() / cfg.batch_size
     # Warm-up steps are not timed: they include torch.compile's compilation and cuDNN's search for the fastest
     # convolution algorithms (cudnn.benchmark), both paid once per run.
@@ -2032,7 +2095,7 @@ class SurvivingStdout:
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 
     def write(self, text: str) -> int:
-        return self._guard(self.stream.write, text) or len(text)
+        return self._guard(self.stream.write, text) or len(text)  # to a closed pipe: all of it, as if written
 
     def flush(self) -> None:
         self._guard(self.stream.flush)
@@ -2182,7 +2245,7 @@ class _WatchedModel:
 
     def __call__(self, *args, **kwargs):
         """One sampling step: the network's output, or SamplingStopped once a stop was asked for."""
-        stop = StopOnSignal.active
+        stop = StopOnSignal.active  # set while train() runs; None for a drawing outside it
         if stop is not None and stop.signum is not None:
             raise SamplingStopped
         out = self.model(*args, **kwargs)
@@ -2190,8 +2253,8 @@ class _WatchedModel:
             self.progress.advance()
         return out
 
-    def __getattr__(self, name):
-        return getattr(self.__dict__["model"], name)
+    def __getattr__(self, name):  # only for names not found on the wrapper itself
+        return getattr(self.__dict__["model"], name)  # through __dict__: no recursion before `model` is set
 
 
 def resolve_sampler(cfg: TrainConfig, device) -> TrainConfig:
@@ -2221,7 +2284,7 @@ def draw(diffusion: Diffusion, model, cfg: TrainConfig, shape, y=None, generator
     Raises SamplingStopped within one step of a stop asked for by a signal during train()."""
     cfg = resolve_sampler(cfg, diffusion.betas.device)
     kwargs = dict(y=y, guidance=cfg.guidance, generator=generator, clip_x0=clip_x0, return_trajectory=return_trajectory)
-    model = _WatchedModel(model, progress)
+    model = _WatchedModel(model, progress)  # every network call passes it: the step is counted, the stop noticed
     if cfg.sampler == "ddim":
         return diffusion.ddim_sample(model, shape, steps=cfg.sample_steps, **kwargs)
     return diffusion.sample(model, shape, **kwargs)
@@ -2350,6 +2413,7 @@ def download_dataset(dataset_cls, cfg: ImageConfig, offline_files: str, train: b
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {root} is a file, not a folder; give the folder to download the data set into "
                         f"(or that already holds it)")
+    # The folders there before: an attempt that fails removes only the empty ones it made itself.
     folders_before = {root, *(p for p in root.rglob("*") if p.is_dir())} if root.exists() else set()
 
     def fetch():
@@ -2438,6 +2502,9 @@ class ImageSampler:
 
     def generate(self, y, generator, progress: Progress, return_trajectory=False):
         """Images (N, C, H, W) on the CPU in [−1, 1] for the labels y (N,); also the trajectory, if asked."""
+        # One chunk of at most cfg.batch_size images at a time, all from the one generator, in turn. clip_x0: each
+        # step's estimate x̂_0 is clamped to [−1, 1], where pixels live, as DDPM's sampler does; the final clamp
+        # makes sure of the range of what is saved.
         results = [draw(self.diffusion, self.model, self.cfg, (len(chunk), *self.shape), generator=generator,
                         y=chunk.to(self.diffusion.betas.device), clip_x0=True, return_trajectory=return_trajectory,
                         progress=progress) for chunk in y.split(self.cfg.batch_size)]
@@ -2459,9 +2526,10 @@ class ImageSampler:
         per_class = max(1, self.cfg.num_samples // len(labels))
         ncol = min(per_class, 10) if len(labels) > 1 else math.ceil(math.sqrt(per_class))
         per_class = per_class // ncol * ncol if len(labels) > 1 else per_class  # whole rows: classes never share one
-        y = torch.tensor(labels).repeat_interleave(per_class)
+        y = torch.tensor(labels).repeat_interleave(per_class)  # one class after another: a block of rows each
         with self.progress(f"{prefix}drawing {path}", len(y)) as progress:
             images = self.generate(y, torch.Generator().manual_seed(self.cfg.seed), progress)
+        # Several classes: each class's name on the first of its rows; one class: its name goes into the title.
         rows = per_class // ncol if len(labels) > 1 else 0
         names = [self.class_names[i] if r == 0 else "" for i in labels for r in range(rows)]
         title = f"{self.class_names[labels[0]]}: {title}" if len(labels) == 1 else title
@@ -2500,6 +2568,8 @@ class ImageSampler:
             for k, chunk in mine:
                 images = self.generate(chunk, torch.Generator().manual_seed(cfg.seed + 2 + k * 2**32), progress)
                 for i, (image, label) in enumerate(zip(images, chunk.tolist()), start=k * cfg.batch_size):
+                    # <index>_<class>.png: the index orders the files as one process would; a class name of an
+                    # image folder may hold any character, so what a file name cannot hold becomes "_".
                     name = re.sub(r"[^\w.-]+", "_", self.class_names[label])
                     save_image((image + 1) / 2, folder / f"{i:06d}_{name}.png")
         if world > 1:
@@ -2516,7 +2586,7 @@ def check_dump_dir(folder: Path) -> None:
 def build_image_model(cfg: ImageConfig, channels: int, num_classes: int) -> UNet:
     """The U-Net cfg.model for images of cfg.image_size; UserError if its downsampling cannot take that size."""
     model = build_unet(cfg.model, channels, cfg.image_size, num_classes)
-    if cfg.image_size % model.factor:
+    if cfg.image_size % model.factor:  # factor: 2 to the number of halvings of the side
         raise UserError(f"images of side {cfg.image_size} cannot pass the {cfg.model!r} U-Net, which needs a "
                         f"multiple of {model.factor}; choose another --image-size or --model")
     return model
@@ -2533,7 +2603,7 @@ def warn_if_gpu_sized(model: nn.Module, diffusion: Diffusion, data: Data, cfg: I
     with torch.random.fork_rng(devices=[]):  # the run's random streams stay where they were
         x0, y = data.batch(torch.arange(n), torch.zeros(n, dtype=torch.bool))
         tic = time.perf_counter()
-        train_step(copy.deepcopy(model).train(), diffusion, x0, y)
+        train_step(copy.deepcopy(model).train(), diffusion, x0, y)  # a copy: the run's model keeps no gradient
         img_per_s = n / (time.perf_counter() - tic)
     days = cfg.steps * cfg.batch_size / img_per_s / 86400
     print(f"warning: U-Net {cfg.model!r} ({params / 1e6:.1f}M parameters) is sized for a GPU: on this CPU expect "
@@ -2548,6 +2618,7 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     trains along), as DDPM's model had none. The held-out images: the built-in test split, or for --data .../train
     a sibling folder named test. Returns the mean, or None when there is no held-out split."""
     device = diffusion.betas.device
+    # --nll -1: a count sized to the device, since each image costs T network calls
     n = cfg.nll if cfg.nll >= 0 else 100 if device.type == "cuda" else 10
     if not cfg.data:
         test = load_builtin(cfg, train=False)
@@ -2562,6 +2633,7 @@ def held_out_bound(diffusion: Diffusion, model, cfg: ImageConfig, load_builtin: 
     x0, _ = test.batch(idx, flip=torch.zeros(len(idx), dtype=torch.bool))  # (N, C, H, W) in [−1, 1], no flips
     size = max(1, min(len(x0), 2**14 // x0[0].numel()))  # images per call of nll_bound: progress every few seconds
     what = f"bits/dim of the EMA model on {len(x0)} held-out images (T = {diffusion.num_timesteps} terms each)"
+    # The run's own random streams are left as they were: computing the bound changes nothing drawn after it.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
             Progress(what, len(x0), " images") as progress:
         torch.manual_seed(cfg.seed)  # the x_t of each term: the same number from the same command
@@ -2586,7 +2658,7 @@ def train_images(cfg: ImageConfig, diffusion: Diffusion, load_builtin: Callable)
     # said), so that --sample-only later draws images of that size.
     cfg = dataclasses.replace(cfg, image_size=data.x.shape[-1])
     labels_to_draw(cfg.label, data.class_names)  # a wrong --label is refused before training, not after
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the initial weights: the same from the same --seed
     model = build_image_model(cfg, data.x.shape[1], len(data.class_names))
     print(f"model: U-Net {cfg.model!r}, {sum(p.numel() for p in model.parameters()):,} parameters")
     if not cfg.resume:  # a resumed run has been told already
@@ -2620,6 +2692,8 @@ def run_images(cfg: ImageConfig, load_builtin: Callable) -> None:
         benchmark(build_image_model(cfg, cfg.channels, num_classes=10), diffusion, data, cfg)
         return
     if cfg.sample_only:
+        # No data set is loaded: the class names and the channels are in the checkpoint's data_info, the side in
+        # its config, and the weights drawn from are the EMA's, as at the end of training.
         state = load_for_sampling(cfg)
         class_names = state["data_info"]["class_names"]
         model = build_image_model(cfg, state["data_info"]["shape"][0], len(class_names))
