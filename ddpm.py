@@ -1245,7 +1245,7 @@ def atomic_write(path: Path, write: Callable) -> None:
 
 @contextlib.contextmanager
 def disk_errors(what, *also):
-    """Turns a failed write of `what` (a full disk, a folder without permission) into a one-line UserError. also:
+    """Turns a failed write of `what` (a full disk, a folder without permission) into a one-line UserError. `also`:
     the exception types a library raises for such a failure besides OSError (torch.save: RuntimeError)."""
     try:
         yield
